@@ -1,0 +1,182 @@
+"""Configuration: JSON-schema validation that fills defaults, checks the schema cannot
+express, and the per-model view the rules read (defaults merged with a model's overrides).
+
+Every error names the field, e.g. `models.tiny.lora.r: 0 is less than the minimum of 1`."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+
+# K-quants and friends below ~3 bits need an importance matrix, which this pipeline does not
+# build yet: llama-quantize would fail hours into an export.
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
+MOE_MODEL_TYPES = {"qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe"}
+MOE_TINY_ARCHS = {"qwen3_moe"}
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the field."""
+
+
+def _with_defaults(validator_class):
+    """A validator that fills `default` values while validating (as snakemake's validate())."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if isinstance(subschema, dict) and "default" in subschema:
+                    instance.setdefault(name, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+DefaultFillingValidator = _with_defaults(Draft202012Validator)
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _field(path) -> str:
+    parts = []
+    for p in path:
+        parts.append(f"[{p}]" if isinstance(p, int) else ("." if parts else "") + str(p))
+    return "".join(parts) or "(top level)"
+
+
+def _describe(error) -> str:
+    """One readable line for a jsonschema error, naming the field."""
+    if error.validator == "oneOf" and list(error.path)[-1:] == ["base"]:
+        return f"{_field(error.path)}: give exactly one of build, hub or path (got {', '.join(sorted(error.instance))})"
+    # oneOf/anyOf errors are vague; the deepest sub-error says what is wrong
+    if error.context:
+        return _describe(max(error.context, key=lambda e: len(e.path)))
+    if error.validator == "additionalProperties":
+        return f"{_field(error.path)}: {error.message}"
+    if error.validator == "enum":
+        allowed = ", ".join(map(str, error.validator_value))
+        return f"{_field(error.path)}: {error.instance!r} is not one of {allowed}"
+    return f"{_field(error.path)}: {error.message}"
+
+
+def parse_size(value: str | int | float) -> int:
+    """'95GB' -> 95e9 bytes, '500MiB' -> 500*2**20; plain numbers are bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(value))
+    if not m:
+        raise ConfigError(f"disk size {value!r}: expected e.g. 95GB, 500MiB or a number of bytes")
+    number, unit = float(m.group(1)), (m.group(2) or "B")
+    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
+    if unit == "B":
+        return int(number)
+    base = 1024 if unit.endswith("iB") else 1000
+    return int(number * base ** powers[unit[0]])
+
+
+def validate(config: dict, schema: dict | None = None) -> dict:
+    """Validate in place (filling defaults) and return the config. Raises ConfigError."""
+    schema = schema or load_schema()
+    validator = DefaultFillingValidator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path)))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    problems = []
+    models = config["models"]
+    for i, key in enumerate(config.get("targets", [])):
+        if key not in models:
+            problems.append(f"targets[{i}]: unknown model key {key!r}; known: {', '.join(models)}")
+    for i, key in enumerate(config.get("retrain", [])):
+        if key != "all" and key not in models:
+            problems.append(f"retrain[{i}]: unknown model key {key!r}; known: {', '.join(models)} (or all)")
+    quants = config["export"]["quants"]
+    for i, q in enumerate(quants):
+        if q in NEEDS_IMATRIX:
+            problems.append(
+                f"export.quants[{i}]: {q} needs an importance matrix (imatrix), which lora-forge does not build; "
+                "choose a K-quant such as Q4_K_M"
+            )
+    for key in models:
+        settings = model_settings(config, key)
+        if settings["lora"]["dropout"] > 0 and is_moe(config, key):
+            problems.append(
+                f"models.{key}.lora.dropout: {settings['lora']['dropout']} must be 0 for a MoE model: PEFT's "
+                "lora.ParamWrapper (expert LoRA) refuses dropout != 0, so training would crash hours in"
+            )
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def load(path: str | Path = "config.yaml", overrides: dict | None = None) -> dict:
+    """Read, merge overrides (like snakemake --config), validate."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if overrides:
+        config = deep_merge(config, overrides)
+    try:
+        return validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def model_settings(config: dict, key: str) -> dict:
+    """A model's effective settings: defaults.lora/train overlaid with the model's own."""
+    if key not in config["models"]:
+        raise ConfigError(f"unknown model key {key!r}; known: {', '.join(config['models'])}")
+    model = config["models"][key]
+    return {
+        "key": key,
+        "base": model["base"],
+        "lora": {**config["defaults"]["lora"], **model.get("lora", {})},
+        "train": {**config["defaults"]["train"], **model.get("train", {})},
+        "ollama": {
+            **{k: v for k, v in config["ollama"].items()},
+            **model.get("ollama", {}),
+            "name": model.get("ollama", {}).get("name", f"lora-forge-{key}"),
+        },
+        "arch": model.get("arch", {}),
+    }
+
+
+def model_type(config: dict, key: str) -> str | None:
+    """The HF model_type of a model: from the built arch, the local config.json, or `arch:`."""
+    model = config["models"][key]
+    base = model["base"]
+    if "build" in base:
+        return base["build"]
+    if "path" in base:
+        cfg = Path(base["path"]) / "config.json"
+        if cfg.exists():
+            import json
+
+            return json.loads(cfg.read_text()).get("model_type")
+    return model.get("arch", {}).get("model_type")
+
+
+def is_moe(config: dict, key: str) -> bool:
+    return model_type(config, key) in MOE_MODEL_TYPES

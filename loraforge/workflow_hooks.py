@@ -1,0 +1,158 @@
+"""What runs in the Snakefile's onstart/onsuccess/onerror: after the DAG is built and before
+any job (so nothing has been deleted yet), and after the run.
+
+on_start
+  1. adapter safety: an existing adapter that a train job would replace is archived first
+     (moved, free on one filesystem), and a retrain whose settings did not change (a forced
+     run, a touched file) needs an explicit `--config retrain=[MODEL]`;
+  2. the disk plan of the jobs about to run, checked against disk_quota and the free space;
+  3. a disk sampler that records what results/ and the base folders really use.
+on_finish
+  stops the sampler and writes the measured timeline (TSV + PNG) next to the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger("loraforge")
+
+TRAIN_RULE = "train_adapter"
+ARCHIVE_DIRNAME = "adapter-archive"
+DISK_LOG_DIR = Path("logs") / "disk"
+
+_state: dict = {}
+
+
+class AdapterGuardError(RuntimeError):
+    pass
+
+
+def _say(message: str) -> None:
+    # onstart runs inside Snakemake's process; print so it shows in the console and log
+    print(f"[lora-forge] {message}", flush=True)
+
+
+def _ancestors(dag, job, seen=None):
+    seen = set() if seen is None else seen
+    for dep in dag.dependencies[job]:
+        if dep not in seen:
+            seen.add(dep)
+            _ancestors(dag, dep, seen)
+    return seen
+
+
+def _is_deliberate(dag, job, needrun) -> bool:
+    """A retrain is deliberate when a setting changed: the train job's own params, or the
+    params of a job upstream of it in this run (e.g. the data cap)."""
+    if dag.reason(job).params_changed:
+        return True
+    return any(dag.reason(dep).params_changed for dep in _ancestors(dag, job) if dep in needrun)
+
+
+def archive_adapter(adapter_dir: str | os.PathLike) -> Path:
+    """Move an adapter folder into <model>/adapter-archive/<UTC time>/ and return the new path."""
+    adapter_dir = Path(adapter_dir)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(adapter_dir.stat().st_mtime))
+    archive = adapter_dir.parent / ARCHIVE_DIRNAME / stamp
+    n = 1
+    while archive.exists():
+        archive = adapter_dir.parent / ARCHIVE_DIRNAME / f"{stamp}-{n}"
+        n += 1
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(adapter_dir, archive)
+    return archive
+
+
+def guard_adapters(dag, config) -> list[tuple[str, Path]]:
+    """Refuse accidental retrains; archive every adapter a train job is about to replace."""
+    needrun = set(dag.needrun_jobs())
+    trains = [j for j in needrun if j.rule.name == TRAIN_RULE]
+    opted_in = set(config.get("retrain", []))
+    refused, to_archive = [], []
+    for job in trains:
+        model = job.wildcards.model
+        adapter = Path(job.output.adapter)
+        if not adapter.exists():
+            continue
+        if _is_deliberate(dag, job, needrun) or model in opted_in or "all" in opted_in:
+            to_archive.append((model, adapter))
+        else:
+            reasons = ", ".join(dag.reason(job).get_names()) or "unknown"
+            refused.append(f"  {model}: {adapter} would be retrained ({reasons})")
+    if refused:
+        raise AdapterGuardError(
+            "refusing to retrain existing adapters whose settings did not change:\n"
+            + "\n".join(refused)
+            + "\nTo retrain anyway (the old adapter is archived, not deleted), add "
+            "--config retrain=[MODEL,...] (or retrain=[all]). To keep the adapter and mark its "
+            "inputs up to date instead: snakemake --touch <the adapter folder>."
+        )
+    archived = []
+    for model, adapter in to_archive:
+        dest = archive_adapter(adapter)
+        _say(f"adapter of {model} archived to {dest} before retraining (restore: mv {dest} {adapter})")
+        archived.append((model, dest))
+    return archived
+
+
+def on_start(workflow, config, logfile=None) -> None:
+    dag = workflow.dag
+    guard_adapters(dag, config)
+    plan = None
+    try:
+        from loraforge import plan as planning
+    except ImportError:  # pragma: no cover - plan module is optional at import time
+        planning = None
+    if planning is not None and hasattr(planning, "plan_from_dag"):
+        plan = planning.plan_from_dag(dag, config)
+        _say("disk plan of this run:\n" + planning.format_timeline(plan))
+        planning.check_plan(plan, config)
+    _start_sampler(config, plan)
+
+
+def _measured_paths(config) -> list[str]:
+    paths = ["results"]
+    for model in config["models"].values():
+        base = model["base"]
+        if "path" in base:
+            paths.append(base["path"])
+    return paths
+
+
+def _start_sampler(config, plan) -> None:
+    if os.environ.get("LORAFORGE_NO_DISK_SAMPLER"):
+        return
+    try:
+        from loraforge.diskmon import DiskSampler
+    except ImportError:  # pragma: no cover
+        return
+    DISK_LOG_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    tsv = DISK_LOG_DIR / f"{stamp}.tsv"
+    sampler = DiskSampler(_measured_paths(config), tsv)
+    sampler.start()
+    _state.update(sampler=sampler, tsv=tsv, plan=plan)
+
+
+def on_finish(workflow, config, logfile=None, success=True) -> None:
+    sampler = _state.pop("sampler", None)
+    if sampler is None:
+        return
+    sampler.stop()
+    tsv, plan = _state.pop("tsv"), _state.pop("plan", None)
+    from loraforge import diskmon
+
+    planned = getattr(plan, "peak_bytes", None)
+    png = tsv.with_suffix(".png")
+    diskmon.plot_timeline(tsv, png, planned_peak=planned)
+    measured = diskmon.peak(tsv)
+    (DISK_LOG_DIR / "latest.tsv").unlink(missing_ok=True)
+    os.symlink(tsv.name, DISK_LOG_DIR / "latest.tsv")
+    msg = f"measured peak disk {measured / 1e6:.1f} MB ({tsv}, {png})"
+    if planned:
+        msg += f"; planned {planned / 1e6:.1f} MB ({100 * (measured - planned) / planned:+.1f}%)"
+    _say(msg)

@@ -1,0 +1,104 @@
+# Helpers and input functions. Rule files contain rules only.
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)  # the loraforge package next to this Snakefile
+
+from snakemake.exceptions import WorkflowError
+
+import loraforge.config as lfconfig
+from loraforge import workflow_hooks
+
+try:
+    config = lfconfig.validate(config)
+except lfconfig.ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+MODELS = list(config["models"])
+EXPORT = config["export"]
+INTERMEDIATE = EXPORT["intermediate"]
+# A final quant that is also the intermediate is simply kept (not temp) by convert_gguf.
+FINAL_QUANTS = [q for q in EXPORT["quants"] if q != INTERMEDIATE]
+
+
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+BUILT_MODELS = [m for m in MODELS if "build" in config["models"][m]["base"]]
+HUB_MODELS = [m for m in MODELS if "hub" in config["models"][m]["base"]]
+
+
+wildcard_constraints:
+    model=_alternatives(MODELS),
+    quant=_alternatives(FINAL_QUANTS),
+    intermediate=re.escape(INTERMEDIATE),
+
+
+def settings(model):
+    return lfconfig.model_settings(config, model)
+
+
+def base_dir(model):
+    """The base model folder: built or fetched into results/, or a user's local folder."""
+    base = config["models"][model]["base"]
+    return base["path"] if "path" in base else f"results/{model}/base"
+
+
+def get_base(wildcards):
+    return base_dir(wildcards.model)
+
+
+def get_base_for_training(wildcards):
+    # ancient(): a base fetched or rebuilt again (e.g. after a consume-mode merge removed it)
+    # must never make the adapter look stale: that would retrain for nothing.
+    return ancient(base_dir(wildcards.model))
+
+
+def get_intermediate_gguf(wildcards):
+    return f"results/{wildcards.model}/{INTERMEDIATE}.gguf"
+
+
+def get_export_ggufs(wildcards):
+    return [f"results/{wildcards.model}/{q}.gguf" for q in EXPORT["quants"]]
+
+
+def get_modelfile_gguf(wildcards):
+    return f"results/{wildcards.model}/{EXPORT['modelfile_quant']}.gguf"
+
+
+def model_priority(wildcards):
+    """Earlier models in config.yaml build first, one model's chain at a time (the default
+    scheduler would interleave models and raise the peak disk)."""
+    own = config["models"][wildcards.model].get("priority")
+    return own if own is not None else 10 * (len(MODELS) - MODELS.index(wildcards.model))
+
+
+def model_outputs(model):
+    """What a finished model is: its GGUFs (checked), Modelfile, memory table, training report."""
+    out = [f"results/{model}/{q}.gguf" for q in EXPORT["quants"]]
+    out += [f"results/{model}/checks/{q}.json" for q in EXPORT["quants"]]
+    out += [
+        f"results/{model}/Modelfile",
+        f"results/{model}/memory.tsv",
+        f"results/{model}/train/metrics.json",
+        f"results/{model}/data/summary.tsv",
+    ]
+    return out
+
+
+def get_final_outputs():
+    return [f for model in config["targets"] for f in model_outputs(model)]
+
+
+onstart:
+    workflow_hooks.on_start(workflow, config, log)
+
+
+onsuccess:
+    workflow_hooks.on_finish(workflow, config, log, success=True)
+
+
+onerror:
+    workflow_hooks.on_finish(workflow, config, log, success=False)

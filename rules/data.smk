@@ -1,0 +1,22 @@
+rule prepare_data:
+    """Cap every source's share, up-weight contrastive pairs, split train/validation, and
+    tabulate samples and tokens per source (tokens of this model's tokenizer)."""
+    input:
+        samples=config["data"]["samples"],
+        tokenizer_dir=get_base_for_training,
+    output:
+        train="results/{model}/data/train.jsonl",
+        validation="results/{model}/data/validation.jsonl",
+        summary=report("results/{model}/data/summary.tsv", caption="../report/data.rst", category="Data"),
+    params:
+        max_source_share=config["data"]["max_source_share"],
+        contrastive_weight=config["data"]["contrastive_weight"],
+        validation_fraction=config["data"]["validation_fraction"],
+        seed=config["data"]["seed"],
+    log:
+        "logs/{model}/prepare_data.log",
+    priority: model_priority
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/prepare_data.py"

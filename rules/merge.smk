@@ -1,0 +1,19 @@
+rule merge_adapter:
+    """Stream the adapter into 16-bit shards: untouched shards are hard-linked (link), moved
+    (consume) or copied (copy); targeted shards are rewritten with W + scale * B @ A."""
+    input:
+        base=get_base,
+        adapter="results/{model}/adapter",
+    output:
+        merged=temp(directory("results/{model}/merged")),
+        report="results/{model}/reports/merge.json",
+    params:
+        mode=EXPORT["merge_mode"],
+        remove_base_after=lambda w: EXPORT["merge_mode"] == "consume" and "path" not in config["models"][w.model]["base"],
+    log:
+        "logs/{model}/merge_adapter.log",
+    priority: model_priority
+    conda:
+        "../envs/export.yaml"
+    script:
+        "../scripts/merge.py"

@@ -1,0 +1,24 @@
+rule train_adapter:
+    """LoRA/QLoRA SFT (TRL + PEFT). The adapter is the expensive artifact: an existing one is
+    archived before any retraining, and retraining with unchanged settings needs an explicit
+    `--config retrain=[MODEL]` (see README: Adapter safety)."""
+    input:
+        base=get_base_for_training,
+        train="results/{model}/data/train.jsonl",
+        validation="results/{model}/data/validation.jsonl",
+    output:
+        adapter=directory("results/{model}/adapter"),
+        metrics="results/{model}/train/metrics.json",
+        loss_csv="results/{model}/train/loss.csv",
+        loss_png=report("results/{model}/train/loss.png", caption="../report/loss.rst", category="Training"),
+    params:
+        lora=lambda w: settings(w.model)["lora"],
+        train=lambda w: settings(w.model)["train"],
+    log:
+        "logs/{model}/train_adapter.log",
+    priority: model_priority
+    threads: 2
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train_adapter.py"

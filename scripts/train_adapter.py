@@ -1,0 +1,16 @@
+import json
+
+from loraforge.rulelog import rule_logging
+from loraforge.train import train
+
+with rule_logging(snakemake):
+    metrics = train(
+        snakemake.input.base,
+        snakemake.input.train,
+        snakemake.input.validation,
+        adapter_dir=snakemake.output.adapter,
+        out_dir=str(snakemake.output.metrics).rsplit("/", 1)[0],
+        lora=dict(snakemake.params.lora),
+        train_params=dict(snakemake.params.train),
+    )
+    print(json.dumps({k: metrics[k] for k in ("steps", "first_loss", "final_loss", "eval_loss", "seconds_per_step", "verdict")}))
