@@ -152,6 +152,11 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
     measured = diskmon.peak(tsv)
     (DISK_LOG_DIR / "latest.tsv").unlink(missing_ok=True)
     os.symlink(tsv.name, DISK_LOG_DIR / "latest.tsv")
+    import json
+
+    tsv.with_suffix(".json").write_text(
+        json.dumps({"success": success, "measured_peak_bytes": measured, "planned_peak_bytes": planned}, indent=2)
+    )
     msg = f"measured peak disk {measured / 1e6:.1f} MB ({tsv}, {png})"
     if planned:
         msg += f"; planned {planned / 1e6:.1f} MB ({100 * (measured - planned) / planned:+.1f}%)"

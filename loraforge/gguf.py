@@ -1,0 +1,474 @@
+"""GGUF export: HF folder -> intermediate GGUF -> quantized GGUF, and a smoke check.
+
+- `convert_to_gguf(model_dir, out, "q8_0")` runs llama.cpp's own converter
+  (`tools/llama.cpp/convert_hf_to_gguf.py` with its own gguf-py, the commit of the quantizer)
+  writing Q8_0 (or F16/BF16) directly, no F16 GGUF first. `release_shards=True` deletes each
+  safetensors shard as soon as its tensors are in the GGUF (the article's low-disk path,
+  done inside the converter: see `loraforge.llamacpp`).
+- `quantize(in, out, "Q5_K_M", threads)` calls `llama_model_quantize` of llama-cpp-python
+  with `allow_requantize = True` (the flag the article was missing), so the Q8_0
+  intermediate can be requantized; from an F16/BF16 intermediate it is a plain quantization.
+- `check_gguf(path)` reads the metadata with the gguf reader and loads the file in llama.cpp
+  to generate a few tokens from a ChatML prompt.
+
+Every output is written to `<name>.partial` and renamed when complete, so a half-written GGUF
+never looks finished. `inspect-gguf` is the CLI of `check_gguf`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Iterator
+
+from loraforge import llamacpp
+
+# the outtypes convert_hf_to_gguf.py writes directly
+CONVERTER_OUTTYPES = ("q8_0", "f16", "bf16", "f32")
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+DEFAULT_CHECK_PROMPT = (
+    f"{IM_START}system\nYou are an expert Ruby on Rails architect.{IM_END}\n"
+    f"{IM_START}user\nWrite a Rails model for a blog post with a title.{IM_END}\n"
+    f"{IM_START}assistant\n"
+)
+
+
+class GGUFCheckError(RuntimeError):
+    """A GGUF failed its smoke check (metadata or llama.cpp load/generation)."""
+
+
+# --------------------------------------------------------------------------------------
+# logs and atomic outputs
+# --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _log_target(log) -> Iterator[IO[str] | None]:
+    """`log` is None, a path (appended to), or an open text file."""
+    if log is None:
+        yield None
+    elif hasattr(log, "write"):
+        yield log
+    else:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:
+            yield f
+
+
+def _write(f: IO[str] | None, text: str) -> None:
+    if f is not None:
+        f.write(text if text.endswith("\n") else text + "\n")
+        f.flush()
+
+
+def partial_path(out_path: str | os.PathLike) -> Path:
+    out = Path(out_path)
+    return out.with_name(out.name + ".partial")
+
+
+def _check_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise RuntimeError(f"{path} is not a GGUF file (magic {magic!r})")
+
+
+# --------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    cfg = model_dir / "tokenizer_config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def convert_to_gguf(model_dir, out_path, outtype: str = "q8_0", *, release_shards: bool = False,
+                    threads: int | None = None, log=None) -> Path:
+    """Convert a Hugging Face model folder to a GGUF with llama.cpp's converter.
+
+    outtype: q8_0 (default, the smallest intermediate), f16, bf16 (lossless for bf16
+    weights) or f32. release_shards: delete each safetensors shard of model_dir as soon as
+    all tensors read from it are written (peak disk ~ one copy of the weights; model_dir is
+    consumed). The converter's output (progress included) goes to `log` (path or file).
+    Returns out_path; raises RuntimeError (with the log's last lines) on failure."""
+    model_dir, out = Path(model_dir), Path(out_path)
+    outtype = outtype.lower()
+    if outtype not in CONVERTER_OUTTYPES:
+        raise ValueError(f"outtype {outtype!r} is not written by convert_hf_to_gguf.py; "
+                         f"choose one of {', '.join(CONVERTER_OUTTYPES)} (quantize further with quantize())")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    shards_before = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(out)
+    tmp.unlink(missing_ok=True)
+    cmd = llamacpp.converter_command(model_dir, tmp, outtype, release_shards=release_shards)
+    env = llamacpp.converter_env(threads)
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    started = time.time()
+    with _log_target(log) as f:
+        _write(f, f"$ {' '.join(cmd)}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                text=True, errors="replace", bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            if f is not None:
+                f.write(line)
+        rc = proc.wait()
+        seconds = time.time() - started
+        if rc != 0:
+            tmp.unlink(missing_ok=True)
+            gone = [s for s in shards_before if not (model_dir / s).exists()]
+            lost = (f" {len(gone)} of {len(shards_before)} shards of {model_dir} were already released: "
+                    "rebuild the merged model before retrying." if gone else "")
+            _write(f, f"conversion FAILED (exit {rc}) after {seconds:.1f}s.{lost}")
+            raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {rc}) on {model_dir}.{lost}\n"
+                               + "\n".join(tail))
+        _check_magic(tmp)
+        meta = gguf_metadata(tmp, tensors=False)
+        if _has_chat_template(model_dir) and not meta.get("chat_template"):
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{model_dir} has a chat template but the GGUF has no tokenizer.chat_template")
+        if not meta.get("n_tokens"):
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError("the GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
+        os.replace(tmp, out)
+        size = out.stat().st_size
+        _write(f, f"converted {model_dir} -> {out} ({outtype}, {size} bytes) in {seconds:.1f}s")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# quantize
+# --------------------------------------------------------------------------------------
+
+# llama-quantize's short aliases
+_FTYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+# these need an importance matrix (llama.cpp refuses them without one)
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
+
+
+def quant_types() -> dict[str, int]:
+    """Every llama.cpp file type name -> LLAMA_FTYPE_* value, read from llama_cpp itself
+    (Q4_0 ... Q8_0, Q2_K, Q2_K_S, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ*, TQ1_0, TQ2_0,
+    MXFP4_MOE, F16, BF16, F32, ...), plus llama-quantize's aliases Q3_K/Q4_K/Q5_K."""
+    import llama_cpp
+
+    out: dict[str, int] = {}
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            out[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama_cpp, attr))
+        elif attr == "LLAMA_FTYPE_ALL_F32":
+            out["F32"] = int(getattr(llama_cpp, attr))
+    for alias, target in _FTYPE_ALIASES.items():
+        if target in out:
+            out[alias] = out[target]
+    return out
+
+
+def ftype_for(qtype: str) -> int:
+    """LLAMA_FTYPE_* value of a type name (case-insensitive); ValueError naming unknown ones."""
+    types = quant_types()
+    key = str(qtype).strip().upper()
+    if key not in types:
+        raise ValueError(f"unknown quantization type {qtype!r}; llama.cpp knows: {', '.join(sorted(types))}")
+    return types[key]
+
+
+def ftype_name(ftype: int) -> str:
+    """The canonical name of a general.file_type value (e.g. 15 -> 'Q4_K_M')."""
+    for name, value in quant_types().items():
+        if value == int(ftype) and name not in _FTYPE_ALIASES:
+            return name
+    return f"UNKNOWN_{int(ftype)}"
+
+
+@contextlib.contextmanager
+def llama_log_to(sink) -> Iterator[None]:
+    """Route llama.cpp's log (all levels) to `sink` (a callable taking str) while active;
+    llama-cpp-python's own callback is restored afterwards."""
+    import llama_cpp
+    import llama_cpp._logger as lc_logger
+
+    @llama_cpp.llama_log_callback
+    def _callback(level, text, user_data):  # noqa: ARG001
+        try:
+            sink(text.decode("utf-8", errors="replace"))
+        except Exception:  # never raise into C
+            pass
+
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(lc_logger.llama_log_callback, ctypes.c_void_p(0))
+        del _callback
+
+
+def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=None) -> Path:
+    """Quantize a GGUF with llama.cpp (llama_model_quantize, allow_requantize=True).
+
+    qtype: any llama.cpp type name (see quant_types()). Works from a Q8_0 intermediate
+    (requantize) or from F16/BF16. threads: 0/None = llama.cpp's default (all cores)."""
+    import llama_cpp
+
+    src, out = Path(in_gguf), Path(out_gguf)
+    ftype = ftype_for(qtype)
+    if not src.is_file():
+        raise FileNotFoundError(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(out)
+    tmp.unlink(missing_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = int(threads or 0)
+    params.allow_requantize = True
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    started = time.time()
+    with _log_target(log) as f:
+        _write(f, f"quantize {src} -> {out}: {qtype.upper()} (ftype {ftype}), nthread={params.nthread}, "
+                  "allow_requantize=True")
+
+        def sink(text: str) -> None:
+            for line in text.splitlines():
+                tail.append(line)
+            if f is not None:
+                f.write(text)
+
+        with llama_log_to(sink):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if f is not None:
+            f.flush()
+        seconds = time.time() - started
+        if rc != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            hint = (f" {qtype.upper()} needs an importance matrix (llama-imatrix)."
+                    if qtype.upper() in NEEDS_IMATRIX else "")
+            _write(f, f"quantization FAILED (rc {rc}) after {seconds:.1f}s.{hint}")
+            raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) failed (rc {rc}).{hint}\n" + "\n".join(tail))
+        _check_magic(tmp)
+        os.replace(tmp, out)
+        _write(f, f"quantized -> {out} ({out.stat().st_size} bytes) in {seconds:.1f}s")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# metadata and smoke check
+# --------------------------------------------------------------------------------------
+
+def _field(reader, key):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except Exception:  # pragma: no cover - odd field types
+        return None
+
+
+def gguf_metadata(path, *, tensors: bool = True) -> dict:
+    """A summary of a GGUF's metadata (read with gguf-py's GGUFReader)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    ftype = _field(reader, "general.file_type")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+
+    def tid(tok):
+        try:
+            return tokens.index(tok)
+        except ValueError:
+            return None
+
+    meta = {
+        "path": str(path),
+        "file_bytes": os.path.getsize(path),
+        "architecture": arch,
+        "name": _field(reader, "general.name"),
+        "file_type": ftype,
+        "file_type_name": ftype_name(ftype) if ftype is not None else None,
+        "tensor_count": len(reader.tensors),
+        "context_length": _field(reader, f"{arch}.context_length") if arch else None,
+        "block_count": _field(reader, f"{arch}.block_count") if arch else None,
+        "embedding_length": _field(reader, f"{arch}.embedding_length") if arch else None,
+        "head_count": _field(reader, f"{arch}.attention.head_count") if arch else None,
+        "head_count_kv": _field(reader, f"{arch}.attention.head_count_kv") if arch else None,
+        "key_length": _field(reader, f"{arch}.attention.key_length") if arch else None,
+        "value_length": _field(reader, f"{arch}.attention.value_length") if arch else None,
+        "expert_count": _field(reader, f"{arch}.expert_count") if arch else None,
+        "tokenizer_model": _field(reader, "tokenizer.ggml.model"),
+        "n_tokens": len(tokens),
+        "eos_token_id": eos,
+        "eos_token": tokens[eos] if eos is not None and 0 <= eos < len(tokens) else None,
+        "im_start_id": tid(IM_START),
+        "im_end_id": tid(IM_END),
+        "endoftext_id": tid(ENDOFTEXT),
+        "add_space_prefix": _field(reader, "tokenizer.ggml.add_space_prefix"),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+    if tensors:
+        counts: dict[str, int] = collections.Counter(t.tensor_type.name for t in reader.tensors)
+        meta["tensor_types"] = dict(sorted(counts.items()))
+        meta["tensor_bytes"] = int(sum(int(t.n_bytes) for t in reader.tensors))
+    return meta
+
+
+def check_gguf(path, expect_arch: str | None = None, expect_ftype: str | int | None = None, *,
+               load: bool = True, prompt: str = DEFAULT_CHECK_PROMPT, n_predict: int = 8,
+               n_ctx: int = 256, threads: int | None = None) -> dict:
+    """Smoke-check a GGUF: metadata (architecture, general.file_type, chat template present,
+    EOS = <|im_end|>, tensors present) and, with load=True, load it in llama.cpp and greedily
+    generate a few tokens from a ChatML prompt. Returns a report dict; raises GGUFCheckError
+    listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFCheckError(f"{path} does not exist")
+    meta = gguf_metadata(path)
+    problems: list[str] = []
+    if expect_arch and meta["architecture"] != expect_arch:
+        problems.append(f"architecture is {meta['architecture']!r}, expected {expect_arch!r}")
+    if meta["file_type"] is None:
+        problems.append("general.file_type is missing")
+    elif expect_ftype is not None:
+        want = int(expect_ftype) if isinstance(expect_ftype, int) or str(expect_ftype).isdigit() \
+            else ftype_for(str(expect_ftype))
+        if int(meta["file_type"]) != want:
+            problems.append(f"general.file_type is {meta['file_type']} ({meta['file_type_name']}), "
+                            f"expected {want} ({ftype_name(want)})")
+    if not meta["chat_template"]:
+        problems.append("tokenizer.chat_template is missing")
+    if meta["eos_token_id"] is None:
+        problems.append("tokenizer.ggml.eos_token_id is missing")
+    elif meta["im_end_id"] is None:
+        problems.append(f"the vocabulary has no {IM_END} token")
+    elif meta["eos_token_id"] != meta["im_end_id"]:
+        problems.append(f"EOS is {meta['eos_token_id']} ({meta['eos_token']!r}), not {IM_END} ({meta['im_end_id']}): "
+                        "chat replies would never end")
+    if meta["tensor_count"] <= 0:
+        problems.append("the GGUF has no tensors")
+    report = {k: v for k, v in meta.items() if k != "chat_template"}
+    report["chat_template_present"] = bool(meta["chat_template"])
+    if load and not problems:
+        try:
+            report["llama_cpp"] = _generate(path, prompt, n_predict, n_ctx, threads, meta)
+        except GGUFCheckError as e:
+            problems.append(str(e))
+    report["ok"] = not problems
+    report["problems"] = problems
+    if problems:
+        raise GGUFCheckError(f"{path}: " + "; ".join(problems))
+    return report
+
+
+def _generate(path: Path, prompt: str, n_predict: int, n_ctx: int, threads: int | None, meta: dict) -> dict:
+    from llama_cpp import Llama
+
+    logs: collections.deque[str] = collections.deque(maxlen=30)
+    started = time.time()
+    llm = None
+    try:
+        with llama_log_to(logs.append):
+            try:
+                llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads or 1,
+                            logits_all=False, verbose=False, seed=0)
+            except Exception as e:
+                raise GGUFCheckError(f"llama.cpp cannot load it ({e}): {''.join(logs).strip()[-1500:]}") from e
+            load_s = time.time() - started
+            tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+            for name in ("im_start_id", "im_end_id"):
+                if meta[name] is not None and meta[name] not in tokens:
+                    raise GGUFCheckError(
+                        f"llama.cpp does not tokenize {IM_START if name == 'im_start_id' else IM_END} in the "
+                        "ChatML prompt as one special token (token type not CONTROL?)")
+            t0 = time.time()
+            generated: list[int] = []
+            for tok in llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+                generated.append(int(tok))
+                if tok == meta["eos_token_id"] or len(generated) >= n_predict:
+                    break
+            gen_s = time.time() - t0
+            if not generated:
+                raise GGUFCheckError("llama.cpp generated no token")
+            if any(not (0 <= t < meta["n_tokens"]) for t in generated):
+                raise GGUFCheckError(f"generated token ids out of range: {generated}")
+            text = llm.detokenize(generated).decode("utf-8", errors="replace")
+            return {
+                "n_ctx": n_ctx,
+                "prompt_tokens": len(tokens),
+                "generated_ids": generated,
+                "generated_text": text,
+                "stopped_on_eos": generated[-1] == meta["eos_token_id"],
+                "load_seconds": round(load_s, 3),
+                "generate_seconds": round(gen_s, 3),
+                "tokens_per_second": round(len(generated) / gen_s, 2) if gen_s > 0 else None,
+            }
+    finally:
+        if llm is not None:
+            llm.close()
+
+
+# --------------------------------------------------------------------------------------
+# CLI: loraforge inspect-gguf FILE
+# --------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("file", help="the GGUF file")
+    parser.add_argument("--expect-arch", help="expected general.architecture (e.g. qwen3, qwen3moe)")
+    parser.add_argument("--expect-ftype", help="expected file type name or number (e.g. Q5_K_M, 17)")
+    parser.add_argument("--no-load", action="store_true", help="metadata only, do not load it in llama.cpp")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**20:.2f} MiB)"
+
+
+def run(args) -> int:
+    path = Path(args.file)
+    try:
+        meta = gguf_metadata(path)
+    except Exception as e:
+        print(f"error: cannot read {path} as GGUF: {e}", file=sys.stderr)
+        return 1
+    try:
+        report = check_gguf(path, args.expect_arch, args.expect_ftype, load=not args.no_load, threads=args.threads)
+        error = None
+    except GGUFCheckError as e:
+        report, error = None, str(e)
+    if args.json:
+        out = report or {k: v for k, v in meta.items() if k != "chat_template"}
+        out = dict(out, ok=error is None, error=error)
+        print(json.dumps(out, indent=2, default=str))
+        return 0 if error is None else 1
+    print(f"{path}")
+    print(f"  size            {_fmt_bytes(meta['file_bytes'])}")
+    print(f"  architecture    {meta['architecture']}  ({meta['block_count']} blocks, "
+          f"embedding {meta['embedding_length']}, heads {meta['head_count']}/{meta['head_count_kv']} kv"
+          + (f", {meta['expert_count']} experts" if meta.get("expert_count") else "") + ")")
+    print(f"  file type       {meta['file_type']} ({meta['file_type_name']})")
+    print(f"  tensors         {meta['tensor_count']}  {meta.get('tensor_types')}")
+    print(f"  context length  {meta['context_length']}")
+    print(f"  tokenizer       {meta['tokenizer_model']}, {meta['n_tokens']} tokens, eos {meta['eos_token_id']} "
+          f"({meta['eos_token']!r}), add_space_prefix {meta['add_space_prefix']}")
+    print(f"  chat template   {'present' if meta['chat_template'] else 'MISSING'}")
+    if report and report.get("llama_cpp"):
+        g = report["llama_cpp"]
+        print(f"  llama.cpp       loaded in {g['load_seconds']}s; {len(g['generated_ids'])} tokens "
+              f"at {g['tokens_per_second']} tok/s: {g['generated_text']!r}")
+    if error:
+        print(f"  CHECK FAILED: {error}")
+        return 1
+    print("  check           ok" + (" (metadata only)" if args.no_load else ""))
+    return 0
