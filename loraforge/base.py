@@ -102,11 +102,22 @@ def train_tokenizer(lines: list[str], out_dir: str | os.PathLike, vocab_size: in
     )
     (out / "sp.vocab").unlink()
     os.replace(f"{prefix}.model", out / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    # Listing the chat tokens as special makes llama.cpp's converter type them CONTROL (so
+    # "<|im_end|>" in text is one token there too); add_prefix_space false keeps transformers
+    # from prepending "▁" where SentencePiece and llama.cpp do not.
+    added_tokens_decoder = {
+        str(sp.piece_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                 "normalized": False, "single_word": False}
+        for t in SPECIAL_TOKENS
+    }
     tokenizer_config = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": False,
         "add_eos_token": False,
+        "add_prefix_space": False,
         "legacy": False,
+        "added_tokens_decoder": added_tokens_decoder,
         "bos_token": None,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
@@ -192,7 +203,7 @@ def build_tiny_base(
     batch_size: int = 8,
     learning_rate: float = 3e-3,
     seed: int = 0,
-    max_shard_size: str = "2MB",
+    max_shard_size: str = "1MB",
     dtype: str = "bfloat16",
 ) -> dict:
     """Build a tiny base model folder; returns metrics (loss before/after vs ln(vocab)).
