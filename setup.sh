@@ -65,5 +65,7 @@ if [[ $run_main_job == 1 ]]; then
   step "running the main job: snakemake --cores 1 (tiny default)"
   "$VENV/bin/snakemake" --cores 1
   echo
-  echo "Done. Artifacts of the tiny default are in results/tiny/ (see README: 'What you get')."
+  echo "Done. The tiny default's fine-tuned model and its Ollama Modelfile:"
+  ls -l results/tiny/Q5_K_M.gguf results/tiny/Modelfile
+  echo "(all artifacts: results/tiny/; logs: logs/tiny/; see README 'What you get')"
 fi
