@@ -5,19 +5,19 @@ rule build_tiny_base:
     output:
         base=directory("results/{model}/base"),
         report="results/{model}/reports/base.json",
+    log:
+        "logs/{model}/build_tiny_base.log",
     wildcard_constraints:
         model=_alternatives(BUILT_MODELS),
+    priority: model_priority
+    conda:
+        "../envs/train.yaml"
+    threads: 2
     params:
         arch=lambda w: config["models"][w.model]["base"]["build"],
         vocab_size=config["tiny_base"]["vocab_size"],
         pretrain_steps=config["tiny_base"]["pretrain_steps"],
         seed=config["tiny_base"]["seed"],
-    log:
-        "logs/{model}/build_tiny_base.log",
-    priority: model_priority
-    threads: 2
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/build_tiny_base.py"
 
@@ -26,16 +26,16 @@ rule fetch_base:
     """A hub model's safetensors, config and tokenizer, via huggingface_hub (HF_TOKEN for gated repos)."""
     output:
         base=directory("results/{model}/base"),
-    wildcard_constraints:
-        model=_alternatives(HUB_MODELS),
-    params:
-        repo_id=lambda w: config["models"][w.model]["base"]["hub"],
-        revision=lambda w: config["models"][w.model]["base"].get("revision"),
     log:
         "logs/{model}/fetch_base.log",
+    wildcard_constraints:
+        model=_alternatives(HUB_MODELS),
     priority: model_priority
     retries: 2
     conda:
         "../envs/train.yaml"
+    params:
+        repo_id=lambda w: config["models"][w.model]["base"]["hub"],
+        revision=lambda w: config["models"][w.model]["base"].get("revision"),
     script:
         "../scripts/fetch_base.py"

@@ -72,7 +72,9 @@ def model_priority(wildcards):
     """Earlier models in config.yaml build first, one model's chain at a time (the default
     scheduler would interleave models and raise the peak disk)."""
     own = config["models"][wildcards.model].get("priority")
-    return own if own is not None else 10 * (len(MODELS) - MODELS.index(wildcards.model))
+    return (
+        own if own is not None else 10 * (len(MODELS) - MODELS.index(wildcards.model))
+    )
 
 
 def model_outputs(model):

@@ -7,16 +7,20 @@ rule prepare_data:
     output:
         train="results/{model}/data/train.jsonl",
         validation="results/{model}/data/validation.jsonl",
-        summary=report("results/{model}/data/summary.tsv", caption="../report/data.rst", category="Data"),
-    params:
-        max_source_share=config["data"]["max_source_share"],
-        contrastive_weight=config["data"]["contrastive_weight"],
-        validation_fraction=config["data"]["validation_fraction"],
-        seed=config["data"]["seed"],
+        summary=report(
+            "results/{model}/data/summary.tsv",
+            caption="../report/data.rst",
+            category="Data",
+        ),
     log:
         "logs/{model}/prepare_data.log",
     priority: model_priority
     conda:
         "../envs/train.yaml"
+    params:
+        max_source_share=config["data"]["max_source_share"],
+        contrastive_weight=config["data"]["contrastive_weight"],
+        validation_fraction=config["data"]["validation_fraction"],
+        seed=config["data"]["seed"],
     script:
         "../scripts/prepare_data.py"

@@ -8,16 +8,16 @@ rule convert_gguf:
             if INTERMEDIATE in EXPORT["quants"]
             else temp("results/{model}/{intermediate}.gguf")
         ),
+    log:
+        "logs/{model}/convert_gguf_{intermediate}.log",
+    priority: model_priority
+    conda:
+        "../envs/export.yaml"
+    threads: 2
     params:
         outtype=INTERMEDIATE,
         # low-disk mode: each merged shard is deleted once its tensors are in the GGUF
         release_shards=EXPORT["merge_mode"] == "consume",
-    log:
-        "logs/{model}/convert_gguf_{intermediate}.log",
-    priority: model_priority
-    threads: 2
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/convert_gguf.py"
 
@@ -31,14 +31,14 @@ rule quantize_gguf:
         adapter="results/{model}/adapter",
     output:
         gguf="results/{model}/{quant}.gguf",
-    params:
-        quant=lambda w: w.quant,
     log:
         "logs/{model}/quantize_gguf_{quant}.log",
     priority: model_priority
-    threads: 2
     conda:
         "../envs/export.yaml"
+    threads: 2
+    params:
+        quant=lambda w: w.quant,
     script:
         "../scripts/quantize_gguf.py"
 
@@ -49,15 +49,15 @@ rule check_gguf:
         gguf="results/{model}/{quant}.gguf",
     output:
         report="results/{model}/checks/{quant}.json",
-    wildcard_constraints:
-        quant=_alternatives(EXPORT["quants"]),
-    params:
-        quant=lambda w: w.quant,
     log:
         "logs/{model}/check_gguf_{quant}.log",
+    wildcard_constraints:
+        quant=_alternatives(EXPORT["quants"]),
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    params:
+        quant=lambda w: w.quant,
     script:
         "../scripts/check_gguf.py"
 
@@ -67,13 +67,17 @@ rule memory_table:
     input:
         ggufs=get_export_ggufs,
     output:
-        tsv=report("results/{model}/memory.tsv", caption="../report/memory.rst", category="Export"),
-    params:
-        num_ctx=lambda w: settings(w.model)["ollama"]["num_ctx"],
+        tsv=report(
+            "results/{model}/memory.tsv",
+            caption="../report/memory.rst",
+            category="Export",
+        ),
     log:
         "logs/{model}/memory_table.log",
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    params:
+        num_ctx=lambda w: settings(w.model)["ollama"]["num_ctx"],
     script:
         "../scripts/memory_table.py"

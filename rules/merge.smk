@@ -7,13 +7,14 @@ rule merge_adapter:
     output:
         merged=temp(directory("results/{model}/merged")),
         report="results/{model}/reports/merge.json",
-    params:
-        mode=EXPORT["merge_mode"],
-        remove_base_after=lambda w: EXPORT["merge_mode"] == "consume" and "path" not in config["models"][w.model]["base"],
     log:
         "logs/{model}/merge_adapter.log",
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    params:
+        mode=EXPORT["merge_mode"],
+        remove_base_after=lambda w: EXPORT["merge_mode"] == "consume"
+        and "path" not in config["models"][w.model]["base"],
     script:
         "../scripts/merge.py"

@@ -1,21 +1,24 @@
 rule write_modelfile:
     """Ollama Modelfile: FROM the configured quant, SYSTEM, ChatML TEMPLATE, parameters and the
-    stop tokens Qwen needs; validated with Ollama's parser rules before it is moved into place."""
+    stop tokens Qwen needs; validated with Ollama's parser rules before it is moved into place.
+    """
     input:
         gguf=get_modelfile_gguf,
         # the adapter folder carries the tokenizer and chat template (the base may be consumed)
         base_dir="results/{model}/adapter",
     output:
         modelfile="results/{model}/Modelfile",
+    log:
+        "logs/{model}/write_modelfile.log",
+    priority: model_priority
+    conda:
+        "../envs/ollama.yaml"
     params:
         name=lambda w: settings(w.model)["ollama"]["name"],
         system=lambda w: settings(w.model)["ollama"]["system"],
         temperature=lambda w: settings(w.model)["ollama"]["temperature"],
         top_p=lambda w: settings(w.model)["ollama"]["top_p"],
         num_ctx=lambda w: settings(w.model)["ollama"]["num_ctx"],
-    log:
-        "logs/{model}/write_modelfile.log",
-    priority: model_priority
     script:
         "../scripts/write_modelfile.py"
 
@@ -28,10 +31,12 @@ rule ollama_create:
         gguf=get_modelfile_gguf,
     output:
         stamp="results/{model}/ollama-created.txt",
-    params:
-        name=lambda w: settings(w.model)["ollama"]["name"],
     log:
         "logs/{model}/ollama_create.log",
+    conda:
+        "../envs/ollama.yaml"
+    params:
+        name=lambda w: settings(w.model)["ollama"]["name"],
     shell:
         "command -v ollama >/dev/null || {{ echo 'ollama is not on PATH' >&2; exit 1; }}; "
         "ollama create {params.name} -f {input.modelfile} > {log} 2>&1 && "

@@ -10,15 +10,19 @@ rule train_adapter:
         adapter=directory("results/{model}/adapter"),
         metrics="results/{model}/train/metrics.json",
         loss_csv="results/{model}/train/loss.csv",
-        loss_png=report("results/{model}/train/loss.png", caption="../report/loss.rst", category="Training"),
-    params:
-        lora=lambda w: settings(w.model)["lora"],
-        train=lambda w: settings(w.model)["train"],
+        loss_png=report(
+            "results/{model}/train/loss.png",
+            caption="../report/loss.rst",
+            category="Training",
+        ),
     log:
         "logs/{model}/train_adapter.log",
     priority: model_priority
-    threads: 2
     conda:
         "../envs/train.yaml"
+    threads: 2
+    params:
+        lora=lambda w: settings(w.model)["lora"],
+        train=lambda w: settings(w.model)["train"],
     script:
         "../scripts/train_adapter.py"
