@@ -1051,7 +1051,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    overrides = parse_config_args(args.config)
+    # `--config K=V TARGET` (as snakemake users type it): words without "=" are targets
+    args.targets = list(args.targets) + [c for c in args.config if "=" not in c]
+    try:
+        overrides = parse_config_args([c for c in args.config if "=" in c])
+    except ValueError as e:
+        print(f"error: --config: {e}", file=sys.stderr)
+        return 2
     try:
         plan = plan_for_targets(args.snakefile, args.targets, overrides, args.directory,
                                 quota=args.quota, free=parse_size(args.free) if args.free else None,

@@ -100,6 +100,8 @@ def guard_adapters(dag, config) -> list[tuple[str, Path]]:
 
 
 def on_start(workflow, config, logfile=None) -> None:
+    if getattr(workflow, "touch", False):
+        return  # --touch only updates timestamps: nothing is trained, deleted or written
     dag = workflow.dag
     guard_adapters(dag, config)
     plan = None

@@ -163,6 +163,9 @@ def test_touched_training_data_does_not_silently_retrain(work):
     run = run_snakemake(work, "results/tiny/train/metrics.json", check=False)
     assert run.returncode != 0 and "refusing to retrain" in run.stdout + run.stderr
     assert (work / "results/tiny/adapter/adapter_model.safetensors").exists()
+    # the way out the message offers: keep the adapter, mark it up to date
+    run_snakemake(work, "--touch", "results/tiny/adapter", "results/tiny/train/metrics.json")
+    assert "train_adapter" not in rules_of(planned_jobs(work, "results/tiny/train/metrics.json"))
 
 
 def test_opted_in_retrain_archives_the_old_adapter(work):
