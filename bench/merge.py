@@ -1,20 +1,27 @@
 """Benchmark: loraforge's streaming merge against PEFT's merge_and_unload and a plain copy.
 
 Generates a random ~1.1 GB bf16 Qwen3-MoE checkpoint (per-expert 2-D tensors, several shards,
-written tensor by tensor with safetensors, never built as a torch model) and a random PEFT-layout
-adapter, then runs, each in a fresh subprocess:
+written tensor by tensor with safetensors, never built as a torch model) and two random
+PEFT-layout adapters: one on q/k/v/o and the experts ("all"), one on q/k/v/o only ("attention";
+every shard still holds attention weights, so every shard is rewritten, the experts as raw
+copies). Then runs, each in a fresh subprocess, in interleaved rounds:
 
-    ours   loraforge.merge.merge(base, adapter, out)                      (mode link)
-    peft   from_pretrained -> PeftModel.from_pretrained -> merge_and_unload -> save_pretrained
-    copy   shutil.copyfile of every shard (and, for reference, the same plus fsync: as durable
-           as the merge, which fsyncs every shard it writes)
+    ours         loraforge.merge.merge(base, adapter, out)                   (mode link)
+    peft         from_pretrained -> PeftModel.from_pretrained -> merge_and_unload -> save_pretrained
+    copy         shutil.copyfile of every shard: no compute, and not durable (the data may still
+                 be only in the page cache when it returns)
+    copy+fsync   the same, plus fsync of every file and of the folder: as durable as our merge,
+                 which fsyncs every shard it writes before recording it. This is the disk's real
+                 bound for an output that must survive a crash.
 
 and prints wall time (median of --repeat interleaved rounds) and peak RSS (the child's ru_maxrss)
-with the ratios against the goals.
+with the ratios against the goals. Every contender starts with the base in the page cache and
+no dirty pages pending (`sync` before each). The machine may be shared: compare medians.
 The script itself imports no torch: a child's ru_maxrss starts at its parent's RSS (vfork+exec
 carries the high-water mark over), so generating and comparing run in children too.
 
-    .venv/bin/python bench/merge.py [--out-dir /tmp/loraforge-bench-merge] [--size-gb 1.1] [--repeat 3] [--keep]
+    .venv/bin/python bench/merge.py [--out-dir /tmp/loraforge-bench-merge] [--size-gb 1.1] [--repeat 3]
+                                    [--targets both|all|attention] [--keep]
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ CHILDREN = {
                 shutil.copyfile(os.path.join(sys.argv[1], name), os.path.join(sys.argv[3], name))
                 with open(os.path.join(sys.argv[3], name), "rb+") as f:
                     os.fsync(f.fileno())
+        folder = os.open(sys.argv[3], os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(folder)
+        os.close(folder)
         print(json.dumps(time.perf_counter() - start))
     """,
 }
@@ -235,13 +245,20 @@ def compare_outputs(ours: str, peft: str) -> tuple[float, float]:
     return max_diff, differ / total
 
 
-def generate(out_dir: str, size_gb: float, experts: bool) -> None:
+TARGETS = {"all": "q/k/v/o + experts", "attention": "q/k/v/o only"}
+# contenders that take an adapter run once per adapter; the copies do not depend on it
+PER_ADAPTER = ("ours", "peft")
+COPIES = ("copy", "copy+fsync")
+
+
+def generate(out_dir: str, size_gb: float, targets: list[str]) -> None:
     import torch
 
     layers = layers_for(size_gb * 1e9)
     generator = torch.Generator().manual_seed(0)
     write_base(os.path.join(out_dir, "base"), layers, generator)
-    write_adapter(os.path.join(out_dir, "adapter"), layers, generator, experts)
+    for target in targets:
+        write_adapter(os.path.join(out_dir, f"adapter-{target}"), layers, generator, experts=target == "all")
     print(json.dumps({"layers": layers}))
 
 
@@ -253,22 +270,28 @@ def run_helper(*args: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def goal_line(label: str, ratio: float, goal: float, note: str = "") -> str:
+    verdict = "met" if ratio <= goal else "MISSED"
+    return f"{label:>34}: {ratio:5.2f}x  (goal <= {goal}x: {verdict}){note}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", default="/tmp/loraforge-bench-merge")
     parser.add_argument("--size-gb", type=float, default=1.1, help="base model size, bf16 (default 1.1)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; medians are shown")
-    parser.add_argument("--targets", choices=("all", "attention"), default="all",
-                        help="adapter on q/k/v/o and the experts (default), or on q/k/v/o only")
+    parser.add_argument("--targets", choices=("both", *TARGETS), default="both",
+                        help="adapter on q/k/v/o and the experts, on q/k/v/o only, or both cases (default)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)  # internal steps
-    parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", metavar="TARGET", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    base, adapter = os.path.join(args.out_dir, "base"), os.path.join(args.out_dir, "adapter")
+    targets = list(TARGETS) if args.targets == "both" else [args.targets]
+    base = os.path.join(args.out_dir, "base")
     if args.generate:
-        return generate(args.out_dir, args.size_gb, experts=args.targets == "all")
+        return generate(args.out_dir, args.size_gb, targets)
     if args.compare:
-        ours, peft = os.path.join(args.out_dir, "ours"), os.path.join(args.out_dir, "peft")
+        ours, peft = (os.path.join(args.out_dir, f"{name}-{args.compare}") for name in PER_ADAPTER)
         return print(json.dumps(compare_outputs(ours, peft)))
 
     # This process imports no torch: a child's ru_maxrss counts the parent's resident pages at fork.
@@ -283,43 +306,52 @@ def main() -> None:
         layers = json.loads(generated)["layers"]
         base_bytes = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors"))
         n_shards = sum(f.endswith(".safetensors") for f in os.listdir(base))
-        adapter_bytes = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))
+        adapters = {t: os.path.join(args.out_dir, f"adapter-{t}") for t in targets}
+        sizes = ", ".join(
+            f"{t} ({TARGETS[t]}) {os.path.getsize(os.path.join(a, 'adapter_model.safetensors')) / 1e6:.1f} MB"
+            for t, a in adapters.items()
+        )
         print(f"generated in {time.perf_counter() - started:.1f}s: Qwen3-MoE bf16, {layers} layers x {EXPERTS} "
-              f"experts, {base_bytes / 1e9:.2f} GB in {n_shards} shards; adapter r={RANK} on {args.targets} "
-              f"({adapter_bytes / 1e6:.0f} MB)")
+              f"experts, {base_bytes / 1e9:.2f} GB in {n_shards} shards; adapters r={RANK}: {sizes}")
 
         # interleaved rounds, medians: the machine may be shared, and page-cache state drifts
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in CHILDREN}
+        contenders = [(f"{name}-{t}", name, adapters[t]) for t in targets for name in PER_ADAPTER]
+        contenders += [(name, name, next(iter(adapters.values()))) for name in COPIES]
+        runs: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in contenders}
         for _ in range(args.repeat):
-            for name in CHILDREN:
-                out = os.path.join(args.out_dir, name)
+            for label, name, adapter in contenders:
+                out = os.path.join(args.out_dir, label)
                 shutil.rmtree(out, ignore_errors=True)
-                runs[name].append(run_child(name, base, adapter, out))
+                runs[label].append(run_child(name, base, adapter, out))
         results = {}
-        for name, samples in runs.items():
-            results[name] = r = {
+        print(f"{'':>16}  {'work':>8}  {'process':>8}  {'peak RSS':>9}   work per run")
+        for label, samples in runs.items():
+            results[label] = r = {
                 "work_s": statistics.median(x["work_s"] for x in samples),
                 "process_s": statistics.median(x["process_s"] for x in samples),
                 "peak_rss": max(x["peak_rss"] for x in samples),
             }
             spread = ", ".join(f"{x['work_s']:.2f}" for x in samples)
-            print(f"{name:>10}: work {r['work_s']:6.2f} s   process {r['process_s']:6.2f} s   "
-                  f"peak RSS {r['peak_rss'] / 2**20:7.0f} MiB   (work per run: {spread})")  # fmt: skip
+            print(f"{label:>16}  {r['work_s']:6.2f} s  {r['process_s']:6.2f} s  {r['peak_rss'] / 2**20:5.0f} MiB   "
+                  f"{spread}")
 
-        max_diff, differ = json.loads(run_helper("--compare", "--out-dir", args.out_dir))
-        print(f"ours vs PEFT output: max |diff| {max_diff:.3g}, {differ:.4%} of elements differ "
-              "(PEFT rounds expert deltas to bf16 before adding)")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores")
 
-        ours, peft, copy, copy_sync = (results[k] for k in ("ours", "peft", "copy", "copy+fsync"))
-        rows = [
-            ("time ours/PEFT", ours["work_s"] / peft["work_s"], 0.4),
-            ("time ours/PEFT (whole process)", ours["process_s"] / peft["process_s"], 0.4),
-            ("peak RSS ours/PEFT", ours["peak_rss"] / peft["peak_rss"], 0.2),
-            ("time ours/plain copy", ours["work_s"] / copy["work_s"], 2.0),
-            ("time ours/plain copy+fsync", ours["work_s"] / copy_sync["work_s"], 2.0),
-        ]
-        for label, ratio, goal in rows:
-            print(f"{label:>32}: {ratio:5.2f}x  (goal <= {goal}x: {'met' if ratio <= goal else 'MISSED'})")
+        copy, copy_sync = results["copy"], results["copy+fsync"]
+        for t in targets:
+            max_diff, differ = json.loads(run_helper("--compare", t, "--out-dir", args.out_dir))
+            ours, peft = results[f"ours-{t}"], results[f"peft-{t}"]
+            print(f"\n[{t}: adapter on {TARGETS[t]}]")
+            print(f"ours vs PEFT output: max |diff| {max_diff:.3g}, {differ:.4%} of elements differ "
+                  "(PEFT rounds expert deltas to bf16 before adding; we round once)")
+            print(goal_line("time ours/PEFT", ours["work_s"] / peft["work_s"], 0.4))
+            print(goal_line("time ours/PEFT (whole process)", ours["process_s"] / peft["process_s"], 0.4))
+            print(goal_line("peak RSS ours/PEFT", ours["peak_rss"] / peft["peak_rss"], 0.2))
+            print(goal_line("time ours/plain copy", ours["work_s"] / copy["work_s"], 2.0,
+                            "  (copy: no compute, not durable)"))
+            print(goal_line("time ours/copy+fsync", ours["work_s"] / copy_sync["work_s"], 2.0,
+                            "  (as durable as ours)"))
     finally:
         if not args.keep:
             shutil.rmtree(args.out_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Raw safetensors IO: read a shard's header, read one tensor, write a shard tensor by tensor.
+"""Raw safetensors IO: read a shard's header, map a small file's tensors, write a shard in pieces.
 
 The format is small enough to handle by hand, which is what lets a merge stay bounded in memory
 and copy untouched tensors without decoding them:
@@ -7,8 +7,9 @@ and copy untouched tensors without decoding them:
     N bytes   JSON: {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}
     rest      the data buffer; offsets are relative to its start, tensors are contiguous, no gaps
 
-The reader is lazy (one tensor at a time, like mergekit's loader); the writer gets the full tensor
-list up front so it can write the header first and then stream each tensor's bytes in order.
+Reading is lazy (the caller reads the bytes it needs, like mergekit's loader); the writer gets the
+full tensor list up front, so it knows where every tensor goes and several threads can write
+tensors, or pieces of them, in any order.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import ctypes
 import errno
 import json
 import math
+import mmap
 import os
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +59,18 @@ def _load_sync_file_range():
     return function
 
 
+def _load_fallocate():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = getattr(libc, "fallocate64", None) or libc.fallocate  # 64-bit offsets everywhere
+    except (OSError, AttributeError):  # not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return function
+
+
 _sync_file_range = _load_sync_file_range()
+_fallocate = _load_fallocate()
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -129,39 +143,60 @@ def read_header(path: str) -> ShardHeader:
     return ShardHeader(path, metadata, {t.name: t for t in entries}, data_start, file_size)
 
 
-def read_tensor(fd: int, info: TensorInfo, buffer: bytearray | None = None) -> torch.Tensor:
-    """Read one floating-point tensor from an open file descriptor into a writable tensor.
-
-    With `buffer` (at least info.nbytes long) the tensor is a view of it, so a caller can reuse
-    one buffer for tensor after tensor; without, it gets fresh memory."""
-    if info.dtype not in TORCH_FLOAT_DTYPES:
-        raise SafetensorsFormatError(f"tensor {info.name!r} has dtype {info.dtype}, not a float type")
-    dtype = TORCH_FLOAT_DTYPES[info.dtype]
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    if buffer is None:
-        buffer = bytearray(info.nbytes)
-    view = memoryview(buffer)[: info.nbytes]
+def pread_exactly(fd: int, buffer, offset: int, what: str = "tensor") -> None:
+    """Fill `buffer` (anything writable with the buffer protocol) from `fd` at `offset`."""
+    view = memoryview(buffer).cast("B")
     done = 0
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], info.offset + done)
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise SafetensorsFormatError(f"tensor {info.name!r}: file ends early")
+            raise SafetensorsFormatError(f"{what}: file ends early")
         done += n
-    count = info.nbytes // DTYPE_SIZES[info.dtype]
-    return torch.frombuffer(buffer, dtype=dtype, count=count).reshape(info.shape)
 
 
-def load_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Read every tensor of a (small) safetensors file, e.g. an adapter, into memory.
+class MappedTensors:
+    """Every tensor of a (small) safetensors file, e.g. an adapter, as a view of the file mapped
+    read-only in memory (`tensors`).
 
-    Plain reads rather than safetensors' mmap, so the file's pages are not held twice."""
-    header = read_header(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return {name: read_tensor(fd, info) for name, info in header.tensors.items()}
-    finally:
-        os.close(fd)
+    The pages are mapped up front (MAP_POPULATE, where there is one) straight from the page
+    cache: no zero-filled fresh memory and no copy, 7 ms instead of 60 ms for reading a 108 MB
+    adapter into memory. The tensors must not be written to (the mapping is read-only: a write
+    would crash the process), and the file must not be truncated while they are in use."""
+
+    def __init__(self, path: str):
+        header = read_header(path)
+        with open(path, "rb") as f:
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+            self._mapping = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+        self._base: int | None = None  # the mapping's address
+        self.tensors: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable": known, see above
+            for name, info in header.tensors.items():
+                if info.dtype not in TORCH_FLOAT_DTYPES:
+                    raise SafetensorsFormatError(f"tensor {name!r} has dtype {info.dtype}, not a float type")
+                dtype = TORCH_FLOAT_DTYPES[info.dtype]
+                if info.nbytes == 0:
+                    self.tensors[name] = torch.empty(info.shape, dtype=dtype)
+                    continue
+                count = info.nbytes // DTYPE_SIZES[info.dtype]
+                tensor = torch.frombuffer(self._mapping, dtype=dtype, count=count, offset=info.offset)
+                self.tensors[name] = tensor.reshape(info.shape)
+                self._base = tensor.data_ptr() - info.offset
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the pages of `tensor`, a contiguous view of this mapping that is no longer needed,
+        from this process's memory (they stay in the page cache: reading the tensor again would
+        map them back). Pages it shares with a neighbour are kept."""
+        if self._base is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.data_ptr() - self._base
+        end = start + tensor.numel() * tensor.element_size()
+        if not (tensor.is_contiguous() and 0 <= start <= end <= len(self._mapping)):
+            raise ValueError("not a contiguous view of this mapping")
+        first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
@@ -181,98 +216,137 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
 
 
 class ShardWriter:
-    """Writes one safetensors file: the header first, then every tensor's bytes in the declared order.
+    """Writes one safetensors file whose layout is fixed up front: the header, then every tensor
+    at its offset, contiguously in the declared order.
 
-    Each tensor is either raw bytes copied from another file (`copy_tensor`, done in the kernel
-    where possible) or a tensor computed here (`write_tensor`). The file IO runs on a background
-    thread at most one tensor behind, so the disk works while the caller computes the next
-    tensor: a tensor given to `write_tensor` must not change until the next call returns (alternate
-    two buffers). `close()` checks that every declared tensor was written and fsyncs the file.
+    Positional and thread-safe: several threads may write tensors, or byte ranges of tensors, in
+    any order (`write` for bytes computed here, `copy` for raw bytes of another file, done in the
+    kernel where possible). The file's space is reserved at once (fallocate, where the filesystem
+    has it), so a full disk fails before any work and ext4 skips per-page block reservation. As
+    the written part grows contiguously from the start, the kernel is asked to start writing it
+    to disk, so the closing fsync finds little left to do. `close()` checks that every declared
+    byte was written exactly once and fsyncs the file.
     """
 
     def __init__(self, path: str, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
         self.path = path
-        self._declared = [(name, math.prod(shape) * DTYPE_SIZES[dtype]) for name, dtype, shape in tensors]
-        self._next = 0
-        self.bytes_written = 0
+        header = encode_header(tensors, metadata)
+        self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (order, absolute offset, nbytes)
+        offset = len(header)
+        for order, (name, dtype, shape) in enumerate(tensors):
+            nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+            self._layout[name] = (order, offset, nbytes)
+            offset += nbytes
+        self.size = offset
+        self._ends = [o + n for _, o, n in self._layout.values()]
+        self._missing = [n for _, _, n in self._layout.values()]  # bytes not yet written, per tensor
+        self._complete = 0  # tensors [0, _complete) are fully written
         self._writeback_from = 0
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._in_flight: Future | None = None
+        self._lock = threading.Lock()
+        self.bytes_written = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._submit(self._write_all, encode_header(tensors, metadata))
+        try:
+            reserve_space(self._fd, self.size)
+            _pwrite_all(self._fd, header, 0)
+        except BaseException:
+            self._release()
+            raise
+        with self._lock:
+            self.bytes_written += len(header)
+            self._advance()
 
-    def _submit(self, function, *args) -> None:
-        self._wait()
-        self._in_flight = self._io.submit(function, *args)
+    def _region(self, name: str, start: int, nbytes: int) -> tuple[int, int]:
+        if name not in self._layout:
+            raise SafetensorsFormatError(f"{self.path}: tensor {name!r} was not declared")
+        order, offset, size = self._layout[name]
+        if start < 0 or start + nbytes > size:
+            raise SafetensorsFormatError(f"{self.path}: bytes {start}..{start + nbytes} are outside {name!r} ({size})")
+        return order, offset + start
 
-    def _wait(self) -> None:
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            in_flight.result()  # re-raises an IO error from the writer thread
+    def _wrote(self, order: int, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_written += nbytes
+            self._missing[order] -= nbytes
+            if self._missing[order] < 0:
+                raise SafetensorsFormatError(f"{self.path}: tensor {list(self._layout)[order]!r} was written twice")
+            if order == self._complete:
+                self._advance()
 
-    def _expect(self, name: str, nbytes: int) -> None:
-        if self._next >= len(self._declared) or self._declared[self._next] != (name, nbytes):
-            expected = self._declared[self._next] if self._next < len(self._declared) else "nothing"
-            raise SafetensorsFormatError(f"{self.path}: wrote {(name, nbytes)}, expected {expected}")
-        self._next += 1
+    def _advance(self) -> None:
+        """Move the fully written prefix of tensors on, and start writing it back as it grows by
+        WRITEBACK_BYTES; called with the lock held."""
+        while self._complete < len(self._missing) and self._missing[self._complete] == 0:
+            self._complete += 1
+        end = self._ends[self._complete - 1] if self._complete else 0
+        if end - self._writeback_from >= WRITEBACK_BYTES:
+            start_writeback(self._fd, self._writeback_from, end - self._writeback_from)
+            self._writeback_from = end
 
-    # --- on the writer thread
-    def _wrote(self, nbytes: int) -> None:
-        self.bytes_written += nbytes
-        if self.bytes_written - self._writeback_from >= WRITEBACK_BYTES:
-            start_writeback(self._fd, self._writeback_from, self.bytes_written - self._writeback_from)
-            self._writeback_from = self.bytes_written
-
-    def _write_all(self, data) -> None:
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview, start: int = 0) -> None:
+        """Write `data` (a contiguous tensor or bytes) as the bytes of `name` from byte `start` on."""
+        if isinstance(data, torch.Tensor):
+            data = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""
         view = memoryview(data).cast("B")
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self._wrote(n)
+        order, offset = self._region(name, start, len(view))
+        _pwrite_all(self._fd, view, offset)
+        self._wrote(order, len(view))
 
-    def _copy(self, src_fd: int, info: TensorInfo) -> None:
-        self._wrote(copy_range(src_fd, self._fd, info.offset, info.nbytes))
-
-    # --- the caller's side
-    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.contiguous()
-        self._expect(name, tensor.numel() * tensor.element_size())
-        if tensor.numel():
-            self._submit(self._write_all, tensor.reshape(-1).view(torch.uint8).numpy())
-
-    def copy_tensor(self, name: str, src_fd: int, info: TensorInfo) -> None:
-        """Copy `info`'s bytes from `src_fd`, which must stay open until the next call returns."""
-        self._expect(name, info.nbytes)
-        self._submit(self._copy, src_fd, info)
+    def copy(self, src_fd: int, src_offset: int, pieces: list[tuple[str, int, int]]) -> None:
+        """Copy bytes of `src_fd` from `src_offset` on as `pieces`: (tensor name, first byte in
+        it, bytes) that follow each other in this file (say, the end of one tensor and the start
+        of the next), in one kernel copy."""
+        regions = [(*self._region(name, start, nbytes), nbytes) for name, start, nbytes in pieces]
+        for (_, offset, nbytes), (_, next_offset, _) in zip(regions, regions[1:]):
+            if offset + nbytes != next_offset:
+                raise SafetensorsFormatError(f"{self.path}: copied pieces {pieces} are not contiguous")
+        total = sum(nbytes for _, _, nbytes in regions)
+        if total:
+            copy_range(src_fd, self._fd, src_offset, total, regions[0][1])
+        for order, _, nbytes in regions:
+            self._wrote(order, nbytes)
 
     def close(self) -> None:
         try:
-            self._wait()
-            if self._next != len(self._declared):
-                missing = [name for name, _ in self._declared[self._next :]]
-                raise SafetensorsFormatError(f"{self.path}: tensors never written: {missing[:5]}")
+            unwritten = [name for name, missing in zip(self._layout, self._missing) if missing]
+            if unwritten:
+                raise SafetensorsFormatError(f"{self.path}: tensors never written: {unwritten[:5]}")
             os.fsync(self._fd)
         finally:
             self._release()
 
     def abort(self) -> None:
         """Stop after an error (the file is left for the caller to remove); safe after close()."""
-        try:
-            self._wait()
-        except Exception:
-            pass  # the error that made the caller abort is the one to report
-        finally:
-            self._release()
+        self._release()
 
     def _release(self) -> None:
         if self._fd >= 0:
-            self._io.shutdown()
             os.close(self._fd)
             self._fd = -1
 
 
-def copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> int:
-    """Append `count` bytes of `src_fd` starting at `src_offset` to `dst_fd`'s current position.
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def reserve_space(fd: int, size: int) -> None:
+    """Allocate `size` bytes of disk for the file now (Linux fallocate, which never falls back to
+    writing zeros as posix_fallocate does); a no-op where the filesystem or OS lacks it. A full
+    disk raises here, before the work that would have filled it."""
+    if _fallocate is None or size <= 0:
+        return
+    if _fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+            return
+        raise OSError(err, os.strerror(err))
+
+
+def copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int, dst_offset: int | None = None) -> int:
+    """Copy `count` bytes of `src_fd` starting at `src_offset` to `dst_fd` at `dst_offset` (by
+    default at, and advancing, its current position).
 
     Uses copy_file_range (no trip through user space, a reflink on filesystems that share
     extents) and falls back to a bounded read/write loop where the kernel refuses it.
@@ -280,9 +354,10 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> int:
     done = 0
     use_kernel_copy = hasattr(os, "copy_file_range")
     while done < count:
+        dst = None if dst_offset is None else dst_offset + done
         if use_kernel_copy:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done)
+                n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
@@ -290,9 +365,13 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> int:
                 continue
         else:
             chunk = memoryview(os.pread(src_fd, min(COPY_CHUNK_BYTES, count - done), src_offset + done))
-            n = 0
-            while n < len(chunk):
-                n += os.write(dst_fd, chunk[n:])
+            if dst is None:
+                n = 0
+                while n < len(chunk):
+                    n += os.write(dst_fd, chunk[n:])
+            else:
+                _pwrite_all(dst_fd, chunk, dst)
+                n = len(chunk)
         if n == 0:
             raise SafetensorsFormatError(f"source ended {count - done} bytes early while copying")
         done += n
@@ -306,6 +385,7 @@ def copy_file(src: str, dst: str) -> int:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             size, done = os.fstat(src_fd).st_size, 0
+            reserve_space(dst_fd, size)
             while done < size:
                 n = copy_range(src_fd, dst_fd, done, min(WRITEBACK_BYTES, size - done))
                 start_writeback(dst_fd, done, n)
