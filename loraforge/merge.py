@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -108,6 +108,7 @@ class MergeReport:
     shards_resumed: int = 0
     tensors_merged: int = 0  # base tensors that received a LoRA delta (each per-expert tensor counts)
     matrices_merged: int = 0  # 2-D weight matrices changed: a fused 3-D expert tensor counts E times
+    matrices_untrained: int = 0  # targeted matrices with all-zero factors, left unchanged (see _drop_untrained)
     tensors_linked: int = 0
     tensors_moved: int = 0
     tensors_copied: int = 0  # untouched tensors copied as raw bytes (in merged or copied shards)
@@ -426,7 +427,7 @@ def _expert_updates(
     expert_B = lora_B.reshape(out_features * r, num_experts).t().contiguous().view(num_experts, out_features, r)
     if release is not None:
         release(lora_B)  # the copy replaces it: memory stays at about one adapter
-    # which experts' factors are not all zero, for all experts at once (_refuse_zero_factors)
+    # which experts' factors are not all zero, for all experts at once (_drop_untrained)
     nonzero_A = _nonzero_rows(lora_A.reshape(num_experts, -1))
     nonzero_B: dict[tuple[int, int], list[bool]] = {}
 
@@ -500,7 +501,6 @@ def plan_updates(
             updates[update.tensor] = update
     if not updates:
         raise MergeError("the adapter has no LoRA weights")
-    _refuse_zero_factors(updates)
     return updates
 
 
@@ -510,18 +510,34 @@ def _nonzero_rows(x: torch.Tensor) -> list[bool]:
     return ((x.amax(1) != 0) | (x.amin(1) != 0)).tolist()
 
 
-def _refuse_zero_factors(updates: dict[str, TensorUpdate]) -> None:
-    """A matrix whose A or B slice is all zero would stay unchanged; refuse it now, before writing,
-    rather than fail the after-merge check half way (in PEFT's fused layout an expert that never
-    saw a token keeps its zero-initialised B columns)."""
-    for update in updates.values():
+def _drop_untrained(updates: dict[str, TensorUpdate]) -> list[str]:
+    """Take out the matrices whose A or B slice is all zero and return their names.
+
+    Such a matrix has a zero delta: it is correct to leave it unchanged. It happens for real in
+    MoE training (an expert the router never picked keeps PEFT's zero-initialised B columns),
+    so it is reported, not refused; the after-merge check then covers every matrix with a
+    non-zero delta. An adapter with no trained matrix at all is refused."""
+    untrained = []
+    for key in list(updates):
+        update = updates[key]
+        kept = []
         for m in update.matrices:
-            if not (m.nonzero if m.nonzero is not None else m.lora_A.any() and m.lora_B.any()):
-                where = "" if m.expert is None else f" (expert {m.expert})"
-                raise MergeError(
-                    f"{update.tensor}{where}: its LoRA factors from {update.source} are all zero, so merging "
-                    "would leave it unchanged; was this expert or module never trained?"
-                )
+            if m.nonzero if m.nonzero is not None else bool(m.lora_A.any() and m.lora_B.any()):
+                kept.append(m)
+            else:
+                untrained.append(update.tensor if m.expert is None else f"{update.tensor} (expert {m.expert})")
+        if not kept:
+            del updates[key]
+        elif len(kept) != len(update.matrices):
+            updates[key] = replace(update, matrices=kept)
+    if not updates:
+        raise MergeError("every LoRA factor pair of the adapter has an all-zero A or B: it was never trained")
+    if untrained:
+        log.warning(
+            "%d matrices have all-zero LoRA factors (never trained, e.g. experts the router never picked) "
+            "and stay unchanged: %s%s", len(untrained), ", ".join(untrained[:5]), " ..." if len(untrained) > 5 else ""
+        )
+    return untrained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -944,6 +960,7 @@ def _merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str, progress: b
         settings = LoraSettings.from_config(adapter_config)
         base = open_base(base_dir, partial_dir)
         updates = plan_updates(base, settings, adapter.tensors, adapter_config, release=adapter.release)
+        untrained = _drop_untrained(updates)
         fingerprint = {
             "format": JOURNAL_FORMAT,
             "base_dir": os.path.realpath(base_dir),
@@ -965,7 +982,7 @@ def _merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str, progress: b
 
     journal = _open_journal(partial_dir, journal_path, fingerprint)
 
-    report = MergeReport(mode=mode, out_dir=out_dir, shards=len(base.shards))
+    report = MergeReport(mode=mode, out_dir=out_dir, shards=len(base.shards), matrices_untrained=len(untrained))
     workspaces = [Workspace() for _ in range(_worker_count())]
     finisher, error = _Finisher(), None
     try:

@@ -528,11 +528,32 @@ def test_refuses_rank_that_disagrees_with_config(models, tmp_path):
     assert_refused(models["dense"], adapter, str(tmp_path / "out"), "rank 4")
 
 
-def test_refuses_untrained_expert(models, tmp_path):
-    """Zero lora_B (PEFT's init; in MoE training also any expert never routed to) would leave
-    the tensor unchanged: refused up front, naming the tensor."""
+def test_refuses_an_adapter_that_was_never_trained(models, tmp_path):
+    """All lora_B zero (PEFT's init): nothing would change; refused before anything is written."""
     adapter = build_adapter(models["moe"], str(tmp_path / "adapter"), randomize=False)
-    assert_refused(models["moe"], adapter, str(tmp_path / "out"), r"model\.layers\.0\..*all zero")
+    assert_refused(models["moe"], adapter, str(tmp_path / "out"), "never trained")
+
+
+def test_an_expert_the_router_never_picked_stays_unchanged(models, tmp_path):
+    """In MoE training an expert that never received a token keeps PEFT's zero B columns: its
+    delta is zero, so it is left unchanged and reported, while every other expert is merged
+    (and still checked to have changed) exactly as PEFT merges it."""
+    adapter = shutil.copytree(models["moe_adapter"], str(tmp_path / "adapter"))
+    weights_path = os.path.join(adapter, "adapter_model.safetensors")
+    weights = load_file(weights_path)
+    down_B = next(k for k in weights if k.startswith("base_model.model.model.layers.0.") and k.endswith("experts.lora_B.weight"))
+    silent = 1  # expert e owns the columns e::E of the fused B
+    weights[down_B][:, silent::EXPERTS] = 0
+    save_file(weights, weights_path)
+    out = str(tmp_path / "out")
+    report = merge(models["moe"], adapter, out, progress=False)
+    assert report.matrices_untrained == 1
+    assert_matches_peft(models["moe"], adapter, out)
+    before, after = load_shards(models["moe"]), load_shards(out)
+    untouched = f"model.layers.0.mlp.experts.{silent}.down_proj.weight"
+    assert torch.equal(before[untouched], after[untouched])
+    changed = [n for n in before if ".mlp.experts." in n and n != untouched and not torch.equal(before[n], after[n])]
+    assert len(changed) == 2 * EXPERTS * 3 - 1
 
 
 def test_fails_loudly_when_a_delta_rounds_away(tmp_path):
