@@ -5,8 +5,9 @@ repository's Snakefile (real Snakemake, real merge, llama.cpp's converter and qu
 scaled 30B-shaped Qwen3-MoE and reports, for each merge mode:
 
     measured peak / base    the workflow's own disk sampler (logs/disk/<time>.json: results/ plus
-                            the base folder outside it, hard links once, every 50 ms) over the
-                            base's shard bytes; goal <= 1.2x in consume mode
+                            the base folder outside it, hard links once, holes of sparse files
+                            not counted, every 5-50 ms) over the base's shard bytes; goal <= 1.2x
+                            in consume mode
     plan error              planned peak (the onstart plan of that run) vs the measured peak;
                             goal within 5%
     `loraforge plan` peak   the CLI's plan of the same targets, run just before
@@ -22,7 +23,7 @@ exactly merge_adapter, convert_gguf and 2 x quantize_gguf.
 
 Besides the workflow's sampler, the benchmark samples the same folders itself (every 50 ms) to
 place the peak (which step, which files) and to count deleted files still held open or mapped
-by the workflow's processes (space that `st_size` of the visible files does not show).
+by the workflow's processes (space that the visible files do not show).
 
     .venv/bin/python bench/disk.py [--out-dir /tmp/loraforge-bench-disk] [--layers 24] [--shards 16]
                                    [--rank N] [--modes link consume] [--keep]
@@ -45,6 +46,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from loraforge.sizes import file_bytes  # noqa: E402  (after the path: the repository's package)
 
 MODEL = "bench"
 QUANTS = ("Q4_K_M", "Q5_K_M")
@@ -149,8 +152,8 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 
 
 class Watcher:
-    """Every `interval` s: the bytes of the files under `paths` (st_size, each inode once, as
-    loraforge.diskmon counts them), the step running (from the .partial outputs present), and
+    """Every `interval` s: the bytes of the files under `paths` (apparent size, allocated
+    blocks for a sparse file, each inode once, as loraforge.diskmon counts them), the step running (from the .partial outputs present), and
     deleted files under `root` still open or mapped by `pid`'s process tree."""
 
     def __init__(self, paths: list[Path], root: Path, interval: float = 0.05):
@@ -175,12 +178,13 @@ class Watcher:
                     except OSError:
                         continue
                     key = (st.st_dev, st.st_ino)
-                    self.size_of[key] = st.st_size
+                    nbytes = file_bytes(st)
+                    self.size_of[key] = nbytes
                     if key in seen:
                         continue
                     seen.add(key)
-                    total += st.st_size
-                    files[os.path.relpath(p, self.root)] = st.st_size
+                    total += nbytes
+                    files[os.path.relpath(p, self.root)] = nbytes
         return total, files, seen
 
     def _tree(self) -> list[int]:
@@ -207,7 +211,7 @@ class Watcher:
                         if target.endswith(" (deleted)") and target.startswith(self.root):
                             st = os.stat(f"/proc/{pid}/fd/{fd}")
                             held[(st.st_dev, st.st_ino)] = target
-                            self.size_of.setdefault((st.st_dev, st.st_ino), st.st_size)
+                            self.size_of[(st.st_dev, st.st_ino)] = file_bytes(st)
                     except OSError:
                         continue
                 with open(f"/proc/{pid}/maps") as f:
@@ -282,7 +286,7 @@ def planned_steps(tsv: Path) -> dict[str, int]:
     with open(tsv) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     for r in rows:
-        if r["rule"] == "quantize_gguf" and r["path"].endswith(".gguf") and r["event"] == "write":
+        if r["rule"] == "quantize_gguf" and r["path"].endswith(".gguf") and r["event"].startswith("write"):
             labels[r["step"]] = f"quantize_gguf[{os.path.basename(r['path'])[:-5]}]"
     for r in rows:
         label = "start" if r["step"] in ("0", "-", "") else labels.get(r["step"], r["rule"])

@@ -1,10 +1,15 @@
 """Measure the disk a run really uses, to set beside the plan.
 
-`DiskSampler(paths, tsv)` walks the given trees from a background thread every `interval`
-seconds and records the bytes under them (apparent sizes, st_size, like
-`loraforge.sizes`; every inode counted once across all paths, so a merged shard that is a
-hard link to its base shard costs nothing; files vanishing mid-walk are skipped). On stop it
-writes a TSV: `t_seconds`, `bytes`, then one column per path.
+`DiskSampler(paths, tsv)` walks the given trees from a background thread and records the
+bytes under them (`loraforge.sizes.measure`: apparent sizes, but a sparse file counts its
+allocated blocks only, so the holes a releasing quantization punches into its input show;
+every inode counted once across all paths, so a merged shard that is a hard link to its base
+shard costs nothing; files vanishing mid-walk are skipped). It walks as often as the walk's
+cost allows (every `min_interval` s at best, at most 10% of a core, at least every
+`interval` s), because some peaks last milliseconds (a consume-mode merge holds two rewritten
+shards next to their base shards only while the earlier one is fsynced), and keeps the
+highest sample of each `interval` (so the record stays small and no peak is lost). On stop
+it writes a TSV: `t_seconds`, `bytes`, then one column per path.
 
     with DiskSampler(["results/tiny"], "results/tiny/disk.tsv"):
         ...  # run the export
@@ -26,34 +31,47 @@ from loraforge.sizes import human, measure
 class DiskSampler:
     """Background sampling of the bytes under `paths` (start()/stop(), or a context manager)."""
 
+    # the thread spends at most 1/WALK_SHARE of its time walking
+    WALK_SHARE = 10
+
     def __init__(self, paths: Iterable[str | os.PathLike], tsv_path: str | os.PathLike | None = None,
-                 interval: float = 0.05):
+                 interval: float = 0.05, min_interval: float = 0.005):
         self.paths = [str(p) for p in paths]
         if not self.paths:
             raise ValueError("DiskSampler needs at least one path")
         self.tsv_path = Path(tsv_path) if tsv_path is not None else None
         self.interval = float(interval)
+        self.min_interval = min(float(min_interval), self.interval)
         self.samples: list[tuple[float, int, list[int]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
+        self._bucket = None  # start time of the interval the last kept sample stands for
         self._lock = threading.Lock()
 
-    def sample(self) -> tuple[float, int, list[int]]:
-        """Take one sample now (also usable without the thread)."""
+    def sample(self, keep_highest: bool = False) -> tuple[float, int, list[int]]:
+        """Take one sample now (also usable without the thread). keep_highest: within one
+        `interval` of the last kept sample, keep only the higher of the two."""
         total, per = measure(self.paths)
         row = (time.monotonic() - self._t0, total, [per.get(p, 0) for p in self.paths])
         with self._lock:
-            self.samples.append(row)
+            if keep_highest and self.samples and self._bucket is not None and row[0] - self._bucket < self.interval:
+                if total > self.samples[-1][1]:
+                    self.samples[-1] = row
+            else:
+                self.samples.append(row)
+                self._bucket = row[0] if keep_highest else None
         return row
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
-                self.sample()
+                self.sample(keep_highest=True)
             except OSError:  # a tree changing under the walk: try again next tick
                 pass
-            self._stop.wait(self.interval)
+            walk = time.monotonic() - started
+            self._stop.wait(min(self.interval, max(self.min_interval, self.WALK_SHARE * walk)))
 
     def start(self) -> "DiskSampler":
         if self._thread is not None:

@@ -8,6 +8,17 @@
 - `quantize(in, out, "Q5_K_M", threads)` calls `llama_model_quantize` of llama-cpp-python
   with `allow_requantize = True` (the flag the article was missing), so the Q8_0
   intermediate can be requantized; from an F16/BF16 intermediate it is a plain quantization.
+- `quantize(..., release_input=...)` (the low-disk "consume" mode) frees the input while it is
+  read: llama.cpp logs `[ i/ n] name` as it starts each tensor, so the tensor before it has
+  been read, quantized and written; its byte range in the input (from gguf-py's tensor infos,
+  matched by name: llama.cpp's order is not the file's) is deallocated with
+  `fallocate(PUNCH_HOLE | KEEP_SIZE)`, which frees the blocks even though llama.cpp still has
+  the file memory-mapped (deleting it would free nothing until the mapping goes). The input
+  is renamed `<name>.releasing` first and deleted at the end; a failure deletes it once a
+  hole was punched (it is no longer a complete GGUF) and says so, or renames it back when it
+  is still intact. Only the last consumer of a temp intermediate may do this: see
+  `release_decision` (the consumers file written by the workflow's onstart hook, the other
+  consumers finished in this run, no other process holding the file).
 - `check_gguf(path)` reads the metadata with the gguf reader and loads the file in llama.cpp
   to generate a few tokens from a ChatML prompt.
 
@@ -22,11 +33,13 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 from loraforge import llamacpp
 
@@ -214,11 +227,282 @@ def llama_log_to(sink) -> Iterator[None]:
         del _callback
 
 
-def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=None) -> Path:
+# --------------------------------------------------------------------------------------
+# releasing the input while quantizing (consume mode)
+# --------------------------------------------------------------------------------------
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+RELEASING_SUFFIX = ".releasing"
+# llama_model_quantize_impl logs "[%4d/%4d] %36s - [dims], type = ..." as it starts a tensor
+_TENSOR_LINE = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]\s+(\S+)\s+-\s")
+_libc = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset + length) of an open (writable) file, keeping its size:
+    the blocks are freed at once, even while the file is memory-mapped; reads of the range
+    then give zeros. OSError (errno EOPNOTSUPP where the filesystem cannot)."""
+    global _libc
+    if length <= 0:
+        return
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(lib, "fallocate64", None) or lib.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _libc = fn
+    if _libc(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, int(offset), int(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")
+
+
+def releasing_path(src: str | os.PathLike) -> Path:
+    """Where an input being released lives during the quantization (never looks complete)."""
+    src = Path(src)
+    return src.with_name(src.name + RELEASING_SUFFIX)
+
+
+def processes_holding(path: str | os.PathLike, exclude: Iterable[int] | None = None) -> list[int]:
+    """Pids of the processes (other than `exclude`, default this one) that have the file open
+    or memory-mapped (/proc/*/fd and /proc/*/maps, same inode). Processes whose /proc
+    entries cannot be read (another user's, without privileges) are not seen."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    real = os.path.realpath(path)
+    skip = {os.getpid()} if exclude is None else set(exclude)
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        pid = int(entry)
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            fds = []
+        found = False
+        for fd in fds:
+            try:
+                fst = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (fst.st_dev, fst.st_ino) == key:
+                found = True
+                break
+        if not found:
+            try:
+                with open(f"/proc/{pid}/maps") as fh:
+                    for line in fh:
+                        parts = line.split(None, 5)
+                        if len(parts) < 6 or parts[4] == "0":
+                            continue
+                        if int(parts[4]) != st.st_ino:
+                            continue
+                        major, minor = (int(x, 16) for x in parts[3].split(":"))
+                        if os.makedev(major, minor) == st.st_dev or parts[5].rstrip("\n").removesuffix(" (deleted)") == real:
+                            found = True
+                            break
+            except (OSError, ValueError):
+                pass
+        if found:
+            holders.append(pid)
+    return holders
+
+
+def _ancestors() -> set[int]:
+    """This process and its ancestors (the Snakemake process that runs a job's script)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def release_decision(src: str | os.PathLike, out: str | os.PathLike,
+                     consumers: str | os.PathLike | bool) -> tuple[bool, str]:
+    """Whether quantizing `src` into `out` may release (consume) `src`, and why (not).
+
+    consumers: the consumers file of `src` that the workflow's onstart hook wrote (JSON:
+    `intermediate`, `consumers` (the outputs of every job of this run reading it), `pid` (the
+    Snakemake process), `started` (time of the run's start)), or True when the caller vouches
+    that nothing else will read `src`. With a file, every other listed consumer must have
+    finished in this run (its output exists, written after the run started and after `src`),
+    and the file must come from this run (its pid is this process or an ancestor). In both
+    cases no other process may have `src` open or mapped."""
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        return False, f"{src} does not exist"
+    if consumers is not True:
+        manifest = Path(consumers)
+        try:
+            info = json.loads(manifest.read_text())
+        except FileNotFoundError:
+            return False, f"no consumers file {manifest} (written by the workflow's onstart hook in consume mode)"
+        except (OSError, ValueError) as e:
+            return False, f"unreadable consumers file {manifest}: {e}"
+        if not _same_file(info.get("intermediate", ""), src):
+            return False, f"{manifest} lists the consumers of {info.get('intermediate')}, not of {src}"
+        if int(info.get("pid", -1)) not in _ancestors():
+            return False, f"{manifest} was written by another run (pid {info.get('pid')}), not the one running this job"
+        listed = [str(c) for c in info.get("consumers", [])]
+        if not any(_same_file(c, out) for c in listed):
+            return False, f"{out} is not a consumer listed in {manifest}"
+        started = float(info.get("started", 0))
+        src_mtime = src.stat().st_mtime
+        for c in listed:
+            if _same_file(c, out):
+                continue
+            try:
+                mtime = os.stat(c).st_mtime
+            except OSError:
+                return False, f"another consumer, {c}, has not finished yet"
+            if mtime < started or mtime < src_mtime:
+                return False, f"another consumer, {c}, has not been rebuilt in this run yet"
+    holders = processes_holding(src)
+    if holders:
+        return False, f"{src} is open in another process (pid {', '.join(map(str, holders))})"
+    return True, ("the last consumer of this run" if consumers is not True else "asked for") + ", nothing else holds it"
+
+
+class _InputReleaser:
+    """Frees the tensor data of a GGUF that llama.cpp is quantizing, tensor by tensor.
+
+    Each tensor owns its byte range in the file up to the next tensor (its padding
+    included). When a tensor is done, the maximal run of done neighbours (in file order)
+    around it is deallocated, block-aligned inwards, so no byte of a tensor still to be read
+    is ever touched; a block shared by two tensors goes when both are done."""
+
+    def __init__(self, src: Path):
+        from gguf import GGUFReader
+
+        self.src = Path(src)
+        reader = GGUFReader(str(self.src))
+        spans = sorted((int(t.data_offset), int(t.n_bytes), str(t.name)) for t in reader.tensors)
+        del reader
+        size = self.src.stat().st_size
+        self.names = [name for _, _, name in spans]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.start = [off for off, _, _ in spans]
+        self.end = self.start[1:] + [size]
+        self.data_bytes = (size - self.start[0]) if spans else 0
+        self.done = [False] * len(spans)
+        self.block = max(512, os.statvfs(self.src).f_bsize or 4096)
+        self.path = self.src  # renamed to .releasing by begin()
+        self.fd: int | None = None
+        self.current: str | None = None
+        self.punched = 0
+        self.tensors_released = 0
+        self.error: str | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def damaged(self) -> bool:
+        return self.punched > 0
+
+    def begin(self) -> Path:
+        """Rename the input out of the way (a run killed mid-way never leaves a half-released
+        file under the name of a complete one) and open it for punching."""
+        target = releasing_path(self.src)
+        target.unlink(missing_ok=True)
+        os.rename(self.src, target)
+        self.path = target
+        try:
+            self.fd = os.open(target, os.O_RDWR)
+        except OSError:
+            os.rename(target, self.src)
+            self.path = self.src
+            raise
+        return target
+
+    def _floor(self, n: int) -> int:
+        return n // self.block * self.block
+
+    def _ceil(self, n: int) -> int:
+        return -(-n // self.block) * self.block
+
+    def on_log(self, text: str) -> None:
+        for m in _TENSOR_LINE.finditer(text):
+            with self._lock:
+                if self.current is not None:
+                    self.tensor_done(self.current)
+                self.current = m.group(3)
+
+    def tensor_done(self, name: str) -> None:
+        i = self.index.get(name)
+        if i is None or self.done[i] or self.fd is None or self.error:
+            return
+        self.done[i] = True
+        lo = i
+        while lo > 0 and self.done[lo - 1]:
+            lo -= 1
+        hi = i
+        while hi + 1 < len(self.done) and self.done[hi + 1]:
+            hi += 1
+        # punched so far: the aligned interior of each done run; now the merged run's
+        a, b = self._ceil(self.start[lo]), self._floor(self.end[hi])
+        p0 = self._floor(self.start[i]) if lo < i else self._ceil(self.start[i])
+        p1 = self._ceil(self.end[i]) if hi > i else self._floor(self.end[i])
+        p0, p1 = max(p0, a), min(p1, b)
+        if p1 > p0:
+            try:
+                punch_hole(self.fd, p0, p1 - p0)
+            except OSError as e:
+                self.error = (f"punching holes in {self.path} failed ({e}); the rest of it is freed "
+                              "when the quantization is done")
+                return
+            self.punched += p1 - p0
+        self.tensors_released += 1
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def finish(self) -> str:
+        """Success: delete the input (what was not punched yet is freed now)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.closed = True
+        return (f"released {self.src} while quantizing: {self.tensors_released} of {len(self.names)} tensors "
+                f"({self.punched} bytes) freed as they were done, the rest and the file at the end"
+                + (f"; {self.error}" if self.error else ""))
+
+    def abort(self) -> str:
+        """Failure: a damaged input is deleted (it is no longer a complete GGUF), an intact one
+        gets its name back. Returns what happened, for the error message."""
+        self.close()
+        self.closed = True
+        if self.damaged:
+            self.path.unlink(missing_ok=True)
+            return (f" The input {self.src} was being released ({self.punched} bytes of "
+                    f"{self.tensors_released} tensors already freed), so it was deleted: it is no longer a "
+                    "complete GGUF. Rebuild it (Snakemake reruns the merge and the conversion).")
+        if self.path != self.src:
+            os.rename(self.path, self.src)
+            self.path = self.src
+        return f" The input {self.src} is intact (nothing of it was released yet)."
+
+
+def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=None,
+             release_input: str | os.PathLike | bool = False) -> Path:
     """Quantize a GGUF with llama.cpp (llama_model_quantize, allow_requantize=True).
 
     qtype: any llama.cpp type name (see quant_types()). Works from a Q8_0 intermediate
-    (requantize) or from F16/BF16. threads: 0/None = llama.cpp's default (all cores)."""
+    (requantize) or from F16/BF16. threads: 0/None = llama.cpp's default (all cores).
+
+    release_input (consume mode): a consumers file of the input (see `release_decision`) or
+    True; when the decision allows it, the input is freed tensor by tensor while it is
+    quantized and deleted at the end (see the module docstring); otherwise, and with False,
+    it is left as it is. The output is the same either way."""
     import llama_cpp
 
     src, out = Path(in_gguf), Path(out_gguf)
@@ -237,27 +521,54 @@ def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=N
     with _log_target(log) as f:
         _write(f, f"quantize {src} -> {out}: {qtype.upper()} (ftype {ftype}), nthread={params.nthread}, "
                   "allow_requantize=True")
+        releaser: _InputReleaser | None = None
+        if release_input:
+            ok, why = release_decision(src, out, release_input)
+            if ok:
+                try:
+                    releaser = _InputReleaser(src)
+                    releaser.begin()
+                except Exception as e:  # unreadable tensor infos, rename refused, ...
+                    releaser, why = None, f"{why}, but it cannot be released: {e}"
+            _write(f, f"release input: {'yes, tensor by tensor' if releaser else 'no'} ({why})")
+        source = releaser.path if releaser is not None else src
 
         def sink(text: str) -> None:
             for line in text.splitlines():
                 tail.append(line)
             if f is not None:
                 f.write(text)
+            if releaser is not None:
+                releaser.on_log(text)
 
-        with llama_log_to(sink):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if f is not None:
-            f.flush()
-        seconds = time.time() - started
-        if rc != 0 or not tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            hint = (f" {qtype.upper()} needs an importance matrix (llama-imatrix)."
-                    if qtype.upper() in NEEDS_IMATRIX else "")
-            _write(f, f"quantization FAILED (rc {rc}) after {seconds:.1f}s.{hint}")
-            raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) failed (rc {rc}).{hint}\n" + "\n".join(tail))
-        _check_magic(tmp)
-        os.replace(tmp, out)
-        _write(f, f"quantized -> {out} ({out.stat().st_size} bytes) in {seconds:.1f}s")
+        try:
+            with llama_log_to(sink):
+                rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+            if f is not None:
+                f.flush()
+            seconds = time.time() - started
+            problem = None
+            if rc != 0 or not tmp.is_file():
+                hint = (f" {qtype.upper()} needs an importance matrix (llama-imatrix)."
+                        if qtype.upper() in NEEDS_IMATRIX else "")
+                problem = f"llama_model_quantize({src} -> {qtype}) failed (rc {rc}).{hint}"
+            else:
+                try:
+                    _check_magic(tmp)
+                except RuntimeError as e:
+                    problem = str(e)
+            if problem is not None:
+                tmp.unlink(missing_ok=True)
+                lost = releaser.abort() if releaser is not None else ""
+                _write(f, f"quantization FAILED after {seconds:.1f}s: {problem}{lost}")
+                raise RuntimeError(problem + lost + "\n" + "\n".join(tail))
+            os.replace(tmp, out)
+            if releaser is not None:
+                _write(f, releaser.finish())
+            _write(f, f"quantized -> {out} ({out.stat().st_size} bytes) in {seconds:.1f}s")
+        finally:
+            if releaser is not None and not releaser.closed:  # interrupted
+                releaser.abort()
     return out
 
 

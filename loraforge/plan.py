@@ -10,8 +10,14 @@ The article's export died three times on a hidden 95 GB quota: 57 GB of base sha
 - the merge and the conversion are modelled inside the job, by `export.merge_mode`:
   `link` (untargeted base shards are hard links in merged/: free), `copy` (all shards
   rewritten), `consume` (each base shard is dropped once its merged shard is durable:
-  peak = base + one shard; the base folder is gone afterwards; the converter then releases
-  each merged shard once its tensors are in the GGUF).
+  peak = base + two shards, the next one being written while the last is made durable;
+  the base folder is gone afterwards; the converter then releases each merged shard once
+  its tensors are in the GGUF);
+- in consume mode the last quantize job reading a temp intermediate frees it tensor by
+  tensor as it quantizes (`loraforge.gguf.quantize(release_input=...)`): the quant grows
+  while the intermediate shrinks, in llama.cpp's tensor order, instead of both being on disk
+  until the job ends. Modelled per tensor when the model's architecture is known (a layout
+  without it keeps the intermediate to the end: the conservative plan).
 
 What counts: everything under `results/`, plus a base folder outside it (an HF cache).
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import re
 import shutil
 import sys
 from collections import defaultdict
@@ -109,9 +116,74 @@ class ModelLayout:
     other_bytes: int = 0
     gguf: dict[str, int] = field(default_factory=dict)
     gguf_meta_bytes: int = 0
+    arch: "S.Arch | None" = None  # the tensors, for the in-job models of convert and quantize
 
     def __post_init__(self):
         self.base_dir = _norm(self.base_dir)
+
+    def _types(self, ftype: str) -> dict[str, str] | None:
+        if self.arch is None:
+            return None
+        try:
+            return S.gguf_tensor_types(self.arch, ftype)
+        except (ValueError, KeyError):
+            return None
+
+    def quantize_sequence(self, src_type: str, out_type: str) -> list[tuple[int, int]] | None:
+        """(bytes read from the intermediate, bytes written to the quant) of every tensor, in
+        the order llama.cpp quantizes them (tensors outside the blocks first, then block by
+        block, by name within each); None without the architecture."""
+        tin, tout = self._types(src_type), self._types(out_type)
+        if tin is None or tout is None:
+            return None
+
+        def padded(n: int) -> int:
+            return n + (-n) % S.GGUF_ALIGNMENT
+
+        def key(t):
+            m = re.match(r"blk\.(\d+)\.", t.name)
+            return (int(m.group(1)) if m else -1, t.name)
+
+        tensors = sorted(S.gguf_tensors(self.arch), key=key)
+        return [(padded(S.ggml_nbytes(tin[t.name], t.shape)), padded(S.ggml_nbytes(tout[t.name], t.shape)))
+                for t in tensors]
+
+    def convert_sequence(self, outtype: str) -> list[tuple[int, list[int]]] | None:
+        """The converter's writes in file order: (GGUF bytes of the tensor, indices of the
+        shards released right after it: those it is the last reader of). Shards are read in
+        order, tensors by name within a shard; a stacked expert tensor is emitted when its last
+        expert is read. None without the architecture or the shards' tensor names."""
+        types = self._types(outtype)
+        if types is None or not self.shards or not all(sh.tensors for sh in self.shards):
+            return None
+        by_name = {t.name: t for t in S.gguf_tensors(self.arch)}
+        pending: dict[str, int] = {}
+        order: list[str] = []
+        readers: dict[str, set[int]] = defaultdict(set)
+        for k, sh in enumerate(self.shards):
+            for hf in sorted(sh.tensors):
+                g = S.gguf_name(hf)
+                if g is None or g not in by_name:
+                    continue
+                readers[g].add(k)
+                left = pending.get(g, len(by_name[g].hf_names) or 1) - 1
+                pending[g] = left
+                if left == 0:
+                    order.append(g)
+        if not order:
+            return None
+        last_reader: dict[int, int] = {}
+        for j, g in enumerate(order):
+            for k in readers[g]:
+                last_reader[k] = j
+        release_after: list[list[int]] = [[] for _ in order]
+        for k in range(len(self.shards)):
+            release_after[last_reader.get(k, len(order) - 1)].append(k)
+        out = []
+        for j, g in enumerate(order):
+            n = S.ggml_nbytes(types[g], by_name[g].shape)
+            out.append((n + (-n) % S.GGUF_ALIGNMENT, release_after[j]))
+        return out
 
     @property
     def base_bytes(self) -> int:
@@ -126,6 +198,14 @@ class ModelLayout:
     @property
     def max_targeted_shard(self) -> int:
         return max((s.bytes for s in self.shards if s.targeted), default=0)
+
+    @property
+    def max_targeted_pair(self) -> int:
+        """The most bytes two consecutive rewritten shards take (a consume-mode merge writes
+        one while the one before is being made durable)."""
+        costs = [s.bytes if s.targeted else 0 for s in self.shards]
+        pairs = [a + b for a, b in zip(costs, costs[1:]) if a and b]
+        return max(pairs + costs, default=0)
 
 
 @dataclass
@@ -203,6 +283,8 @@ class Planner:
     layouts: per model, for the in-job model of merge and convert (see ModelLayout).
     background: counted bytes in files no step touches (other models' results...).
     release_in_convert: whether the converter releases merged shards (default: consume mode).
+    release_in_quantize: whether the last quantize job of a temp intermediate frees it while
+    it reads it (default: consume mode).
     """
 
     steps: list[Step]
@@ -215,6 +297,7 @@ class Planner:
     roles: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     release_in_convert: bool | None = None
     label: str = ""
+    release_in_quantize: bool | None = None
 
     def __post_init__(self):
         if self.merge_mode not in MERGE_MODES:
@@ -240,6 +323,10 @@ class Planner:
     def releases(self) -> bool:
         return self.merge_mode == "consume" if self.release_in_convert is None else self.release_in_convert
 
+    @property
+    def releases_in_quantize(self) -> bool:
+        return self.merge_mode == "consume" if self.release_in_quantize is None else self.release_in_quantize
+
     def dependencies(self) -> list[set[int]]:
         """deps of every step: as given, else the steps writing its inputs."""
         producer: dict[str, int] = {}
@@ -264,18 +351,40 @@ class Planner:
 
     def schedule(self) -> list[int]:
         """Run order of a `--cores 1` run: among ready jobs the highest priority first,
-        ties in the order the steps were given."""
+        ties in the order the steps were given, except that the quantize steps reading one
+        intermediate take the worst of their tie orders when the last one releases it (consume
+        mode): largest output first, so the releasing one is the smallest and the others'
+        outputs sit next to the intermediate (Snakemake breaks such ties arbitrarily)."""
         deps = self.dependencies()
+        rank = self._tie_ranks()
         order: list[int] = []
         remaining = set(range(len(self.steps)))
         while remaining:
             ready = [i for i in remaining if not (deps[i] & remaining)]
             if not ready:
                 raise PlanError("the steps have a dependency cycle: " + ", ".join(self.steps[i].label for i in sorted(remaining)))
-            i = max(ready, key=lambda j: (self.steps[j].priority, -j))
+            i = max(ready, key=lambda j: (self.steps[j].priority, -rank[j]))
             order.append(i)
             remaining.discard(i)
         return order
+
+    def _tie_ranks(self) -> list[int]:
+        rank = list(range(len(self.steps)))
+        if not self.releases_in_quantize:
+            return rank
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for j, st in enumerate(self.steps):
+            if self.roles.get(st.rule) == "quantize":
+                src = next((p for p in st.inputs if p.endswith(".gguf")), None)
+                if src is not None:
+                    groups[(src, st.priority)].append(j)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            by_size = sorted(members, key=lambda j: (-sum(self.sizes.get(p, 0) for p in self.steps[j].outputs), j))
+            for pos, j in zip(sorted(members), by_size):
+                rank[j] = pos
+        return rank
 
     def size_of(self, step: Step, path: str) -> int:
         L = self.layouts.get(step.model or "")
@@ -323,6 +432,8 @@ class Planner:
                 self._merge(sim, s, L)
             elif role == "convert" and L is not None and self.releases:
                 self._convert_releasing(sim, s, L)
+            elif role == "quantize" and L is not None and (src := self._released_input(sim, s, i, consumers, temp, done)):
+                self._quantize_releasing(sim, s, L, src)
             else:
                 wrote = False
                 for p in s.outputs:
@@ -354,9 +465,12 @@ class Planner:
         merged = self._merged_output(s)
         base = L.base_dir
         if self.merge_mode == "consume":
-            # small files are copied, then shard by shard: the merged shard is written and
-            # made durable, then its base shard is dropped (untargeted ones are renamed)
-            sim.transient(L.other_bytes + L.max_targeted_shard, "merging: one shard written, its base shard not yet dropped")
+            # shard by shard: the merged shard is written, made durable, then its base shard is
+            # dropped (untargeted ones are renamed: free). The durable part runs on a thread of
+            # its own while the next shard is written (merge._Finisher), so two consecutive
+            # rewritten shards can be on disk next to their base shards; the small files last
+            sim.transient(L.other_bytes + L.max_targeted_pair,
+                          "merging: a shard written while the one before is made durable, their base shards not yet dropped")
             new = L.merged_bytes("consume")
             base_now = sim.present.get(base, 0)
             sim.present[merged] = new if self.counted(merged) else 0
@@ -383,21 +497,87 @@ class Planner:
             sim.add(gguf, self.size_of(s, gguf), "write")
         else:
             held = max(0, sim.present[merged] - L.other_bytes)
-            shard_bytes = [sh.bytes for sh in L.shards] or [held]
-            total = sum(shard_bytes) or 1
-            scaled = [b * held / total for b in shard_bytes]
             meta = min(g, L.gguf_meta_bytes)
-            worst, written, released = 0.0, float(meta), 0.0
-            for b in scaled:
-                written += (g - meta) * b / held if held else 0
-                worst = max(worst, written - released)
-                released += b
+            outtype = os.path.basename(gguf)[: -len(".gguf")].upper() if gguf else ""
+            try:
+                seq = L.convert_sequence(S.ftype_name(outtype)) if held else None
+            except ValueError:
+                seq = None
+            worst = 0.0
+            if seq:
+                # tensor by tensor: a shard goes only after the last tensor reading it (for an
+                # MoE, the layer's stacked experts) is written, so the GGUF runs ahead of it
+                shard_bytes = [sh.bytes for sh in L.shards]
+                s_scale = held / (sum(shard_bytes) or 1)
+                g_scale = (g - meta) / (sum(b for b, _ in seq) or 1)
+                written, released = float(meta), 0.0
+                for nbytes, freed in seq:
+                    written += nbytes * g_scale
+                    worst = max(worst, written - released)
+                    released += sum(shard_bytes[k] for k in freed) * s_scale
+            else:  # proportional: each shard released once its share of the GGUF is written
+                shard_bytes = [sh.bytes for sh in L.shards] or [held]
+                total = sum(shard_bytes) or 1
+                scaled = [b * held / total for b in shard_bytes]
+                written, released = float(meta), 0.0
+                for b in scaled:
+                    written += (g - meta) * b / held if held else 0
+                    worst = max(worst, written - released)
+                    released += b
             sim.transient(int(round(worst)), "converting: GGUF grows, each merged shard released once written")
             sim.present[gguf] = g
             sim.present[merged] -= held
             sim.change(g - held, "write GGUF, merged shards released", gguf)
         for p in s.outputs:
             if p != gguf:
+                sim.add(p, self.size_of(s, p), "write")
+
+    def _released_input(self, sim: "_Sim", s: Step, i: int, consumers: Mapping[str, set[int]],
+                        temp: set[str], done: set[int]) -> str | None:
+        """The temp intermediate GGUF this quantize step releases while it reads it: consume
+        mode, the step is its last consumer in this run, every consumer is a quantize step
+        (what the onstart hook's consumers file allows), and it is on disk."""
+        if not self.releases_in_quantize:
+            return None
+        for p in s.inputs:
+            if not p.endswith(".gguf") or p not in temp or not sim.present.get(p):
+                continue
+            readers = consumers.get(p, set())
+            if readers - done != {i}:
+                continue
+            if any(self.roles.get(self.steps[j].rule) != "quantize" for j in readers):
+                continue
+            return p
+        return None
+
+    def _quantize_releasing(self, sim: "_Sim", s: Step, L: ModelLayout, src: str) -> None:
+        out = next((p for p in s.outputs if p.endswith(".gguf")), s.outputs[0] if s.outputs else None)
+        q = self.size_of(s, out) if out is not None and self.counted(out) else 0
+        held = sim.present[src]
+        try:
+            seq = L.quantize_sequence(S.ftype_name(os.path.basename(src)[: -len(".gguf")]),
+                                      S.ftype_name(os.path.basename(out)[: -len(".gguf")]))
+        except ValueError:
+            seq = None
+        if not seq:  # the tensors are unknown: the intermediate is held to the end
+            for p in s.outputs:
+                sim.add(p, self.size_of(s, p), "write")
+            return
+        meta = min(q, L.gguf_meta_bytes)
+        in_scale = max(0, held - min(held, L.gguf_meta_bytes)) / (sum(a for a, _ in seq) or 1)
+        out_scale = (q - meta) / (sum(b for _, b in seq) or 1)
+        # llama.cpp writes a tensor, then starts the next: only then is the previous freed
+        written, released, worst = float(meta), 0.0, 0.0
+        for a, b in seq:
+            written += b * out_scale
+            worst = max(worst, written - released)
+            released += a * in_scale
+        sim.transient(int(round(worst)), "quantizing: the quant grows, the intermediate is freed tensor by tensor")
+        sim.present[out] = q
+        sim.present.pop(src, None)
+        sim.change(q - held, "write quant, intermediate released", out)
+        for p in s.outputs:
+            if p != out:
                 sim.add(p, self.size_of(s, p), "write")
 
     # -- several runs -----------------------------------------------------------------
@@ -933,7 +1113,7 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
                 except ValueError:
                     pass
             meta = S.gguf_metadata_bytes(arch)
-        layouts[key] = ModelLayout(key, base, shards, other, gguf, meta)
+        layouts[key] = ModelLayout(key, base, shards, other, gguf, meta, arch)
 
     sizes: dict[str, int] = {}
     samples = (config.get("data") or {}).get("samples")

@@ -17,9 +17,12 @@ downloaded yet):
   Q6_K->Q8_0, Q2_K/Q3_K->Q4_0, then F16). The tokenizer stored in the metadata is
   estimated from the vocabulary size.
 
-Sizes are apparent sizes (st_size), here and in `measure`/`loraforge.diskmon`: estimates are
-logical bytes, so a measured file replaces its estimate like for like (`actual_or_estimate`).
-For multi-GB shards the difference to allocated blocks is far below 0.1%.
+Estimates are logical bytes (what a file's st_size will be). `measure` (and
+`loraforge.diskmon`, which uses it) counts a file as min(st_size, allocated blocks): its
+apparent size, except for a sparse file, whose punched holes take no space (the Q8_0
+intermediate that a consume-mode quantization releases tensor by tensor). So a measured file
+replaces its estimate like for like (`actual_or_estimate`): for multi-GB shards the slack of
+the last block is far below 0.1%.
 """
 
 from __future__ import annotations
@@ -739,9 +742,16 @@ def lora_adapter_bytes(hf_config: Mapping | Arch, r: int = 16, targets: Iterable
 # --------------------------------------------------------------------------------------
 
 
+def file_bytes(st: os.stat_result) -> int:
+    """The bytes a file takes: its apparent size (st_size), or its allocated blocks when
+    fewer (a sparse file: holes take no space)."""
+    blocks = getattr(st, "st_blocks", None)
+    return st.st_size if blocks is None else min(st.st_size, blocks * 512)
+
+
 def measure(paths: Iterable[str | os.PathLike], seen: set | None = None) -> tuple[int, dict[str, int]]:
-    """Apparent bytes (st_size) under each path, counting every inode once across all the
-    paths (hard links, and symlinks to files such as HF cache blobs, are followed and
+    """Bytes under each path (`file_bytes`: apparent sizes, holes of sparse files not
+    counted), counting every inode once across all the paths (hard links, and symlinks to files such as HF cache blobs, are followed and
     counted once; symlinked directories are not entered). Files that vanish while walking
     are skipped. Returns (total, {path: bytes}) where a shared inode counts for the first
     path that reaches it."""
@@ -756,7 +766,7 @@ def measure(paths: Iterable[str | os.PathLike], seen: set | None = None) -> tupl
             if ident in seen:
                 continue
             seen.add(ident)
-            n += st.st_size
+            n += file_bytes(st)
         per[key] = per.get(key, 0) + n
         total += n
     return total, per

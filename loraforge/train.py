@@ -136,6 +136,11 @@ def train(
     if train_params.get("backend", "trl") != "trl":
         raise ValueError(f"train.backend: {train_params['backend']!r} is not available; use 'trl'")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not Path(base_dir).is_dir():
+        raise FileNotFoundError(
+            f"base model folder {base_dir} is missing (a consume-mode merge uses it up): "
+            f"build or fetch it first, e.g. snakemake --cores 1 {base_dir}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -6,13 +6,20 @@ on_start
      (moved, free on one filesystem), and a retrain whose settings did not change (a forced
      run, a touched file) needs an explicit `--config retrain=[MODEL]`;
   2. the disk plan of the jobs about to run, checked against disk_quota and the free space;
-  3. a disk sampler that records what results/ and the base folders really use.
+  3. a disk sampler that records what results/ and the base folders really use;
+  4. in consume merge mode, the consumers file of every temp intermediate GGUF the run's
+     quantize jobs read (`logs/{model}/release/{name}.json`: the outputs of all its
+     consumers in this run, this process's pid, the start time): the job that finds every
+     other consumer finished may free the intermediate while it quantizes it
+     (`loraforge.gguf.release_decision`).
 on_finish
-  stops the sampler and writes the measured timeline (TSV + PNG) next to the plan.
+  stops the sampler and writes the measured timeline (TSV + PNG) next to the plan; removes
+  the consumers files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,6 +28,8 @@ from pathlib import Path
 log = logging.getLogger("loraforge")
 
 TRAIN_RULE = "train_adapter"
+QUANTIZE_RULE = "quantize_gguf"
+RELEASE_DIRNAME = "release"
 ARCHIVE_DIRNAME = "adapter-archive"
 DISK_LOG_DIR = Path("logs") / "disk"
 
@@ -99,6 +108,74 @@ def guard_adapters(dag, config) -> list[tuple[str, Path]]:
     return archived
 
 
+def release_manifest_path(model: str, intermediate: str | os.PathLike) -> Path:
+    """The consumers file of an intermediate GGUF: logs/{model}/release/{file name}.json (not
+    under results/: it is no artifact)."""
+    return Path("logs") / str(model) / RELEASE_DIRNAME / (Path(intermediate).name + ".json")
+
+
+def _notemp(workflow) -> bool:
+    settings = getattr(workflow, "storage_settings", None)
+    return bool(getattr(settings, "notemp", False))
+
+
+def write_release_manifests(workflow, config) -> list[Path]:
+    """Consume mode: for each temp intermediate GGUF read by quantize jobs of this run, the
+    list of its consumers (their outputs), for the last of them to release it while it reads.
+
+    Nothing is written (so nothing is released) for an intermediate that is not temp, that
+    is a target, that a job of another rule also reads, or with --notemp."""
+    export = dict(config.get("export") or {})
+    if export.get("merge_mode") != "consume" or _notemp(workflow):
+        return []
+    dag = workflow.dag
+    needrun = list(dag.needrun_jobs())
+    targets = {os.path.normpath(str(f)) for f in getattr(dag, "targetfiles", set())}
+    targets |= {os.path.normpath(str(f)) for f in getattr(dag, "derived_targetfiles", set())}
+    readers: dict[str, list] = {}
+    for job in needrun:
+        for f in job.input:
+            readers.setdefault(os.path.normpath(str(f)), []).append(job)
+    written, started = [], time.time()
+    seen: set[str] = set()
+    for job in needrun:
+        if job.rule.name != QUANTIZE_RULE or "gguf" not in job.input.keys():
+            continue
+        inter = os.path.normpath(str(job.input.gguf))
+        if inter in seen:
+            continue
+        seen.add(inter)
+        jobs = readers.get(inter, [])
+        producer_temp = any(
+            inter in {os.path.normpath(str(o)) for o in dep.temp_output}
+            for dep, files in dag.dependencies[job].items()
+            if inter in {os.path.normpath(str(x)) for x in files}
+        )
+        if not producer_temp or inter in targets or any(j.rule.name != QUANTIZE_RULE for j in jobs):
+            continue
+        model = job.wildcards_dict.get("model") or Path(inter).parent.name
+        path = release_manifest_path(model, inter)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {
+            "intermediate": os.path.abspath(inter),
+            "consumers": sorted(os.path.abspath(str(j.output.gguf)) for j in jobs),
+            "pid": os.getpid(),
+            "started": started,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, path)
+        written.append(path)
+        # a half-released copy left by a killed run: garbage (the intermediate is rebuilt)
+        from loraforge.gguf import releasing_path
+
+        stale = releasing_path(inter)
+        if stale.exists():
+            stale.unlink()
+            _say(f"removed {stale}, left by an interrupted release")
+    return written
+
+
 def on_start(workflow, config, logfile=None) -> None:
     if getattr(workflow, "touch", False):
         return  # --touch only updates timestamps: nothing is trained, deleted or written
@@ -113,6 +190,7 @@ def on_start(workflow, config, logfile=None) -> None:
         plan = planning.plan_from_dag(dag, config)
         _say("disk plan of this run:\n" + planning.format_timeline(plan))
         planning.check_plan(plan, config)
+    _state["manifests"] = write_release_manifests(workflow, config)
     _start_sampler(config, plan)
 
 
@@ -141,6 +219,12 @@ def _start_sampler(config, plan) -> None:
 
 
 def on_finish(workflow, config, logfile=None, success=True) -> None:
+    for path in _state.pop("manifests", []):
+        Path(path).unlink(missing_ok=True)
+        try:
+            Path(path).parent.rmdir()  # only when empty
+        except OSError:
+            pass
     sampler = _state.pop("sampler", None)
     if sampler is None:
         return
@@ -154,8 +238,6 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
     measured = diskmon.peak(tsv)
     (DISK_LOG_DIR / "latest.tsv").unlink(missing_ok=True)
     os.symlink(tsv.name, DISK_LOG_DIR / "latest.tsv")
-    import json
-
     tsv.with_suffix(".json").write_text(
         json.dumps({"success": success, "measured_peak_bytes": measured, "planned_peak_bytes": planned}, indent=2)
     )

@@ -1,4 +1,5 @@
 # Helpers and input functions. Rule files contain rules only.
+import os
 import re
 import sys
 from pathlib import Path
@@ -51,9 +52,19 @@ def get_base(wildcards):
 
 
 def get_base_for_training(wildcards):
-    # ancient(): a base fetched or rebuilt again (e.g. after a consume-mode merge removed it)
-    # must never make the adapter look stale: that would retrain for nothing.
-    return ancient(base_dir(wildcards.model))
+    """The base as an input of data preparation and training.
+
+    ancient(): a base fetched or rebuilt again never makes the adapter look stale. And once the
+    adapter exists while the base is gone (a consume-mode merge used it up), no edge at all:
+    rebuilding the base for a later export must not pull finished training back into the run
+    (Snakemake reruns every consumer of a job that reruns, ancient or not, unless the file
+    exists). The scripts read the base path from params."""
+    base = base_dir(wildcards.model)
+    if not os.path.exists(base) and os.path.exists(
+        f"results/{wildcards.model}/adapter"
+    ):
+        return []
+    return ancient(base)
 
 
 def get_intermediate_gguf(wildcards):

@@ -18,6 +18,7 @@ rule prepare_data:
     conda:
         "../envs/train.yaml"
     params:
+        base_dir=lambda w: base_dir(w.model),
         max_source_share=config["data"]["max_source_share"],
         contrastive_weight=config["data"]["contrastive_weight"],
         validation_fraction=config["data"]["validation_fraction"],

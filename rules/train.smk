@@ -22,6 +22,7 @@ rule train_adapter:
         "../envs/train.yaml"
     threads: 2
     params:
+        base_dir=lambda w: base_dir(w.model),
         lora=lambda w: settings(w.model)["lora"],
         train=lambda w: settings(w.model)["train"],
     script:

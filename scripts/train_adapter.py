@@ -5,7 +5,7 @@ from loraforge.train import train
 
 with rule_logging(snakemake):
     metrics = train(
-        snakemake.input.base,
+        snakemake.params.base_dir,
         snakemake.input.train,
         snakemake.input.validation,
         adapter_dir=snakemake.output.adapter,

@@ -107,3 +107,44 @@ def test_sampler_needs_paths_and_starts_once(tmp_path):
     with pytest.raises(RuntimeError):
         s.start()
     assert s.stop() is None and s.samples
+
+
+def test_sparse_files_count_their_allocated_blocks_only(tmp_path):
+    """Holes take no space: a file truncated up (never written) or one whose middle was punched
+    out (what a consume-mode quantization does to its input) counts its blocks; small files
+    still count their apparent size, not a whole block."""
+    from loraforge.gguf import punch_hole
+
+    small = _write(tmp_path / "small.bin", 100)
+    assert measure([str(small)])[0] == 100
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as f:
+        f.truncate(10_000_000)
+    assert measure([str(sparse)])[0] == 0
+    dense = _write(tmp_path / "dense.bin", 4 * 1024 * 1024)
+    fd = os.open(dense, os.O_RDWR)
+    try:
+        punch_hole(fd, 1024 * 1024, 2 * 1024 * 1024)
+    finally:
+        os.close(fd)
+    assert dense.stat().st_size == 4 * 1024 * 1024
+    assert measure([str(dense)])[0] == 2 * 1024 * 1024
+
+
+def test_peaks_of_milliseconds_are_caught_and_the_record_stays_small(tmp_path):
+    """A file that exists for 10 ms (like two merged shards next to their base shards while one
+    is fsynced) shows in the peak; still about one row per interval is kept."""
+    root = tmp_path / "results"
+    _write(root / "kept.bin", 1_000)
+    with DiskSampler([root], tmp_path / "disk.tsv") as sampler:  # the workflow's settings
+        time.sleep(0.1)
+        for _ in range(5):
+            blip = _write(root / "blip.bin", 300_000)
+            time.sleep(0.01)
+            blip.unlink()
+            time.sleep(0.1)
+    assert sampler.peak == 301_000
+    times = [t for t, _, _ in sampler.samples]
+    assert times == sorted(times)
+    assert len(times) <= times[-1] / sampler.interval + 3
+    assert sampler.samples[-1][1] == 1_000

@@ -336,7 +336,9 @@ def test_merge_modes():
     assert copy.peak_event.rule == link.peak_event.rule == "convert_gguf"
     assert link.peak == copy.peak - 2 * int(3.8 * GiB)
     transient = next(e for e in consume.events if e.rule == "merge_adapter" and e.event.startswith("merging"))
-    assert transient.used == base + adapter + int(3.8 * GiB)  # base + one shard
+    # base + two shards: the next shard is written while the one before is made durable
+    # (merge._Finisher), before either base shard is dropped
+    assert transient.used == base + adapter + 2 * int(3.8 * GiB)
     assert merged_row(consume).used == base + adapter  # the base is gone
     conv = next(e for e in consume.events if e.rule == "convert_gguf" and e.event.startswith("converting"))
     assert conv.used < base + adapter + int(3.8 * GiB)  # releasing: never base + whole GGUF
@@ -387,6 +389,41 @@ def test_the_articles_scenario_with_estimated_sizes():
     p = Planner(chain(), sizes, merge_mode="consume", layouts={"30b": layout}).plan()
     assert check(p, quota) is p
     assert p.peak / GiB == pytest.approx(71.4, abs=1.0)
+
+
+def test_the_last_quantize_frees_the_intermediate_in_consume_mode():
+    """With the tensors known (the architecture), consume mode's last quantize job frees the
+    Q8_0 as its output grows: the peak is no longer Q8_0 + both quants at its end but the
+    merge (base + two shards). The first quantize keeps it (another consumer follows)."""
+    a = S.arch_from_config(QWEN3_30B)
+    shards, other = S.model_folder_bytes(a)
+    gguf = {t: S.gguf_bytes(a, t) for t in ("Q8_0", "Q4_K_M", "Q5_K_M")}
+    layout = ModelLayout("30b", "results/30b/base", shards, other, gguf, S.gguf_metadata_bytes(a), arch=a)
+    r = "results/30b"
+    adapter = S.lora_adapter_bytes(a)
+    sizes = {f"{r}/base": layout.base_bytes, f"{r}/adapter": adapter, **{f"{r}/{t}.gguf": b for t, b in gguf.items()}}
+    consume = Planner(chain(), sizes, merge_mode="consume", layouts={"30b": layout}).plan()
+    held = Planner(chain(), sizes, merge_mode="consume", layouts={"30b": layout}, release_in_quantize=False).plan()
+    assert held.peak == gguf["Q8_0"] + gguf["Q4_K_M"] + gguf["Q5_K_M"] + adapter
+    assert held.peak_event.rule == "quantize_gguf"
+    # Snakemake breaks the tie between the two quantize jobs either way: the plan takes the
+    # worse order, the smaller quant last (Q5_K_M sits next to the Q8_0 while Q4_K_M releases it)
+    assert [s.wildcards.get("quant") for s in consume.order if s.rule == "quantize_gguf"] == ["Q5_K_M", "Q4_K_M"]
+    assert [s.wildcards.get("quant") for s in held.order if s.rule == "quantize_gguf"] == ["Q4_K_M", "Q5_K_M"]
+    released = [e for e in consume.events if e.event == "write quant, intermediate released"]
+    assert [(e.step, e.path) for e in released] == [(7, f"{r}/Q4_K_M.gguf")]
+    assert released[0].delta == gguf["Q4_K_M"] - gguf["Q8_0"]
+    assert not any(e.path == f"{r}/Q8_0.gguf" for e in consume.events if e.event == "delete temp")
+    # while it quantizes: above Q8_0 + Q5_K_M only what is written before a tensor is freed
+    (quantizing,) = [e for e in consume.events if e.event.startswith("quantizing")]
+    assert quantizing.used - quantizing.delta == gguf["Q8_0"] + gguf["Q5_K_M"] + adapter
+    assert 0 < quantizing.delta < 0.02 * gguf["Q4_K_M"]
+    assert consume.peak < held.peak and consume.peak_event.rule == "merge_adapter"
+    assert consume.final == held.final
+    # link mode and layouts without the tensors never release
+    link = Planner(chain(), sizes, merge_mode="link", layouts={"30b": layout}).plan()
+    assert not any(e.event.startswith("quantizing") for e in link.events)
+    assert layout.quantize_sequence("Q8_0", "Q5_K_M") and article_layout().quantize_sequence("Q8_0", "Q5_K_M") is None
 
 
 def test_q8_0_intermediate_alternative():
