@@ -4,6 +4,7 @@ rule build_tiny_base:
         corpus=config["tiny_base"]["corpus"],
     output:
         base=directory("results/{model}/base"),
+        complete=touch("results/{model}/base.complete"),
         report="results/{model}/reports/base.json",
     log:
         "logs/{model}/build_tiny_base.log",

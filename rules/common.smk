@@ -52,19 +52,20 @@ def get_base(wildcards):
 
 
 def get_base_for_training(wildcards):
-    """The base as an input of data preparation and training.
+    # ancient(): a base fetched or rebuilt again (after a consume-mode merge used its weights
+    # up) must never make the adapter look stale: that would retrain for nothing.
+    return ancient(base_dir(wildcards.model))
 
-    ancient(): a base fetched or rebuilt again never makes the adapter look stale. And once the
-    adapter exists while the base is gone (a consume-mode merge used it up), no edge at all:
-    rebuilding the base for a later export must not pull finished training back into the run
-    (Snakemake reruns every consumer of a job that reruns, ancient or not, unless the file
-    exists). The scripts read the base path from params."""
-    base = base_dir(wildcards.model)
-    if not os.path.exists(base) and os.path.exists(
-        f"results/{wildcards.model}/adapter"
-    ):
+
+def get_base_complete(wildcards):
+    """The flag a built or fetched base carries while its weights are all there. A consume-mode
+    merge removes the weights and this flag but keeps the folder's small files, so a later
+    export builds or fetches the base again without touching data preparation or training
+    (an existing ancient() input stops Snakemake's rerun propagation; a missing one would not).
+    """
+    if "path" in config["models"][wildcards.model]["base"]:
         return []
-    return ancient(base)
+    return f"results/{wildcards.model}/base.complete"
 
 
 def get_intermediate_gguf(wildcards):

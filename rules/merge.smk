@@ -3,6 +3,7 @@ rule merge_adapter:
     (consume) or copied (copy); targeted shards are rewritten with W + scale * B @ A."""
     input:
         base=get_base,
+        base_complete=get_base_complete,
         adapter="results/{model}/adapter",
     output:
         merged=temp(directory("results/{model}/merged")),

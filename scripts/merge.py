@@ -3,7 +3,8 @@
 input.base, input.adapter: model and PEFT adapter folders; output.merged: the merged folder
 (a directory() output); output.report (optional): the merge report as JSON;
 params.mode: link | consume | copy; params.remove_base_after (optional): after a consume-mode
-merge, delete what is left of the base folder; log[0]: progress bars and messages.
+merge, drop input.base_complete (the base's weights are gone; its small files stay, so data
+preparation and training keep an existing ancient() input); log[0]: progress bars and messages.
 All logic is in loraforge.merge.
 """
 
@@ -11,7 +12,9 @@ import contextlib
 import json
 import logging
 
-from loraforge.merge import merge, remove_consumed_base
+import os
+
+from loraforge.merge import merge
 
 smk = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 
@@ -26,8 +29,8 @@ with open(smk.log[0], "w") as log_file:
                 mode=smk.params.get("mode", "link"),
                 progress=True,
             )
-        if smk.params.get("remove_base_after"):
-            remove_consumed_base(smk.input.base)
+        if smk.params.get("remove_base_after") and smk.input.get("base_complete"):
+            os.remove(smk.input.base_complete)
     except Exception:
         logging.exception("merge failed")
         raise

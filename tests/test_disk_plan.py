@@ -42,7 +42,8 @@ def test_consume_mode_uses_the_base_up_and_never_retrains(pipeline, tmp_path):
     run_snakemake(work, "results/tiny/Q4_K_M.gguf", "results/tiny/Q5_K_M.gguf")
     tiny = work / "results" / "tiny"
     assert (tiny / "Q4_K_M.gguf").exists() and (tiny / "Q5_K_M.gguf").exists()
-    assert not (tiny / "base").exists(), "consume mode uses the base up"
+    assert not list((tiny / "base").glob("*.safetensors")), "consume mode uses the base's weights up"
+    assert not (work / "results/tiny/base.complete").exists()
     assert not (tiny / "merged").exists() and not (tiny / "Q8_0.gguf").exists()
     merge = json.loads((tiny / "reports" / "merge.json").read_text())
     assert merge["mode"] == "consume"
