@@ -130,8 +130,6 @@ def layers_for(size_bytes: float) -> int:
 
 
 def write_base(path: str, layers: int, generator) -> None:
-    import torch
-    from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
     os.makedirs(path)
@@ -148,21 +146,9 @@ def write_base(path: str, layers: int, generator) -> None:
             size = 0
         shards[-1].append((name, shape))
         size += nbytes(shape)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, shape in shard:
-            if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-            weight_map[name] = file
-            total += nbytes(shape)
-        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
-        del tensors
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    from loraforge.synthetic import write_random_shards
+
+    write_random_shards(path, shards, generator)
 
 
 def write_adapter(path: str, layers: int, generator, experts: bool = True) -> None:

@@ -158,7 +158,6 @@ def write_base(path: str | os.PathLike, shape: MoeShape, tokenizer_dir: str | os
     its shards. The tokenizer files of `tokenizer_dir` are copied in; config.json says
     vocab_size=shape.vocab_size, which must match the tokenizer."""
     import torch
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True)
@@ -172,8 +171,17 @@ def write_base(path: str | os.PathLike, shape: MoeShape, tokenizer_dir: str | os
         if (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, path / name)
 
-    generator = torch.Generator().manual_seed(seed)
     groups = split_shards(shape.tensors(), n_shards)
+    return write_random_shards(path, groups, torch.Generator().manual_seed(seed))
+
+
+def write_random_shards(path: str | os.PathLike, groups: list[list[tuple[str, tuple[int, ...]]]], generator) -> int:
+    """Write one safetensors shard per group of (name, shape), random bf16 weights (norms are
+    ones), one shard in memory at a time, and the index; returns the bytes of the shards."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
     weight_map, total, shard_bytes = {}, 0, 0
     for k, group in enumerate(groups, start=1):
         file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
