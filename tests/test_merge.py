@@ -610,8 +610,9 @@ def test_peak_rss_stays_within_a_shard_plus_the_adapter(tmp_path):
     growth = peak - baseline
     shard_sizes = [os.path.getsize(os.path.join(base, s)) for s in shard_names(base)]
     adapter_size = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))
-    # one-time OpenMP thread pool and MKL start-up on the first matmul: about 7 MiB, measured
-    slack = 10 * 2**20
+    # one-time OpenMP thread pool and MKL start-up on the first matmul: about 7 MiB, measured,
+    # once per merge worker thread (each runs its own; in a busy full-suite run both start)
+    slack = 10 * 2**20 * merge_module._worker_count()
     bound = 1.2 * (max(shard_sizes) + adapter_size) + slack
     assert baseline > 100 * 2**20  # torch is imported: the baseline is a real one
     assert sum(shard_sizes) > 3 * bound  # holding the whole model would fail the check
