@@ -27,6 +27,7 @@ rule fetch_base:
     """A hub model's safetensors, config and tokenizer, via huggingface_hub (HF_TOKEN for gated repos)."""
     output:
         base=directory("results/{model}/base"),
+        complete=touch("results/{model}/base.complete"),
     log:
         "logs/{model}/fetch_base.log",
     wildcard_constraints:

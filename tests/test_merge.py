@@ -588,7 +588,7 @@ def test_peak_rss_stays_within_a_shard_plus_the_adapter(tmp_path):
     VmHWM, reset to the current RSS after the imports: the child's ru_maxrss would start at this
     pytest process's own RSS (vfork+exec carries the parent's high-water mark over), far above
     anything the merge adds, which would make the check pass blindly."""
-    base = build_base(str(tmp_path / "base"), dense_config(layers=32), max_shard_size="8MB")
+    base = build_base(str(tmp_path / "base"), dense_config(layers=64), max_shard_size="8MB")
     adapter = build_adapter(base, str(tmp_path / "adapter"), r=8)
     script = textwrap.dedent("""
         import json, sys
