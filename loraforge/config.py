@@ -6,7 +6,6 @@ Every error names the field, e.g. `models.tiny.lora.r: 0 is less than the minimu
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +69,13 @@ def _describe(error) -> str:
 
 
 def parse_size(value: str | int | float) -> int:
-    """'95GB' -> 95e9 bytes, '500MiB' -> 500*2**20; plain numbers are bytes."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(value))
-    if not m:
-        raise ConfigError(f"disk size {value!r}: expected e.g. 95GB, 500MiB or a number of bytes")
-    number, unit = float(m.group(1)), (m.group(2) or "B")
-    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
-    if unit == "B":
-        return int(number)
-    base = 1024 if unit.endswith("iB") else 1000
-    return int(number * base ** powers[unit[0]])
+    """'95GB' -> 95e9 bytes, '500MiB' -> 500*2**20; plain numbers are bytes (loraforge.sizes.parse_size)."""
+    from loraforge.sizes import parse_size as _parse
+
+    try:
+        return _parse(value)
+    except ValueError as e:
+        raise ConfigError(f"disk size: {e}") from None
 
 
 def validate(config: dict, schema: dict | None = None) -> dict:
