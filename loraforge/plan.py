@@ -741,7 +741,7 @@ def alternatives(plan: Plan, quota: int | None = None, free: int | None = None) 
     options = []  # (name, hint, transform)
     if P.merge_mode != "consume":
         options.append(("consume merge mode", "set export.merge_mode: consume (snakemake --config 'export={merge_mode: consume}', "
-                         "loraforge plan --config export.merge_mode=consume); base shards move into merged/ and the base is removed",
+                         "loraforge plan --config export.merge_mode=consume); base shards move into merged/ and the base's weights are used up",
                          lambda p: p.replace(merge_mode="consume")))
     if any(t != "Q8_0" for t in P.intermediates().values()) and any("Q8_0" in L.gguf for L in P.layouts.values()):
         options.append(("Q8_0 intermediate", "set export.intermediate: Q8_0 (snakemake --config 'export={intermediate: Q8_0}'): "
