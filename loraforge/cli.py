@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "plan": ("loraforge.plan", "preview the jobs of a target and their peak disk against the quota"),
     "check-modelfile": ("loraforge.modelfile", "validate an Ollama Modelfile with Ollama's parser rules"),
     "inspect-gguf": ("loraforge.gguf", "print a GGUF's metadata and check it"),
+    "restore-adapter": ("loraforge.workflow_hooks", "put an archived adapter and its training reports back"),
 }
 
 

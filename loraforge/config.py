@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, validators
+from loraforge.errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -21,7 +22,7 @@ MOE_MODEL_TYPES = {"qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"
 MOE_TINY_ARCHS = {"qwen3_moe"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Bad configuration; the message names the field."""
 
 
@@ -105,6 +106,20 @@ def _check_semantics(config: dict) -> None:
                 f"export.quants[{i}]: {q} needs an importance matrix (imatrix), which lora-forge does not build; "
                 "choose a K-quant such as Q4_K_M"
             )
+    export = config["export"]
+    if export["modelfile_quant"] not in quants:
+        problems.append(
+            f"export.modelfile_quant: {export['modelfile_quant']} is not built: it must be one of "
+            f"export.quants ({', '.join(quants)})"
+        )
+    if export["merge_mode"] == "consume":
+        for key, model in models.items():
+            if "path" in model["base"]:
+                problems.append(
+                    f"models.{key}.base.path: export.merge_mode consume would move the shards out of your own "
+                    f"folder {model['base']['path']} and delete them; lora-forge only consumes bases it built "
+                    "or fetched itself. Use merge_mode link (or copy) for this model's base"
+                )
     for key in models:
         settings = model_settings(config, key)
         if settings["lora"]["dropout"] > 0 and is_moe(config, key):
@@ -112,6 +127,29 @@ def _check_semantics(config: dict) -> None:
                 f"models.{key}.lora.dropout: {settings['lora']['dropout']} must be 0 for a MoE model: PEFT's "
                 "lora.ParamWrapper (expert LoRA) refuses dropout != 0, so training would crash hours in"
             )
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def check_paths(config: dict, root: str | Path = ".") -> None:
+    """Every file or folder a setting names must exist (relative paths from `root`, the working
+    directory). Snakemake itself says "Nothing to be done" when a changed setting points at a
+    missing input whose outputs exist, so this is checked before the DAG is built."""
+    root = Path(root)
+    wanted = [("data.samples", config["data"]["samples"], "file")]
+    if any("build" in m["base"] for m in config["models"].values()):
+        wanted += [(f"tiny_base.corpus[{i}]", c, "any") for i, c in enumerate(config["tiny_base"]["corpus"])]
+    wanted += [(f"models.{key}.base.path", m["base"]["path"], "dir") for key, m in config["models"].items()
+               if "path" in m["base"]]
+    problems = []
+    for field, value, kind in wanted:
+        p = root / value
+        if not p.exists():
+            problems.append(f"{field}: {value} does not exist")
+        elif kind == "file" and not p.is_file():
+            problems.append(f"{field}: {value} is not a file")
+        elif kind == "dir" and not p.is_dir():
+            problems.append(f"{field}: {value} is not a folder (a Hugging Face model folder is expected)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

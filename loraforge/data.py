@@ -28,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pandas as pd
+from loraforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ SUMMARY_COLUMNS = [
 ]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem. `path`, `line` (1-based) and `field` are set when known."""
 
     def __init__(self, message: str, *, path=None, line: int | None = None, field: str | None = None):
@@ -123,8 +124,20 @@ def load_samples(path) -> list[dict]:
     pair_lines: dict[str, list[int]] = defaultdict(list)
     pair_source: dict[str, str] = {}
     stem = Path(path_str).stem
-    with open(path_str, encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+    try:
+        handle = open(path_str, "rb")
+    except OSError as exc:
+        raise DataError(f"{path_str}: cannot read the dataset: {exc.strerror or exc}", path=path_str) from None
+    with handle:
+        for line_no, raw_bytes in enumerate(handle, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path_str}:{line_no}: not valid UTF-8 (byte 0x{raw_bytes[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8",
+                    path=path_str, line=line_no,
+                ) from None
             if not raw.strip():
                 continue
             try:

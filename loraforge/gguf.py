@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from loraforge import llamacpp
+from loraforge.errors import DiskFullError, UserError, disk_full_message, looks_like_disk_full, nearly_full
 
 # the outtypes convert_hf_to_gguf.py writes directly
 CONVERTER_OUTTYPES = ("q8_0", "f16", "bf16", "f32")
@@ -53,7 +54,7 @@ DEFAULT_CHECK_PROMPT = (
 )
 
 
-class GGUFCheckError(RuntimeError):
+class GGUFCheckError(UserError, RuntimeError):
     """A GGUF failed its smoke check (metadata or llama.cpp load/generation)."""
 
 
@@ -139,11 +140,14 @@ def convert_to_gguf(model_dir, out_path, outtype: str = "q8_0", *, release_shard
         rc = proc.wait()
         seconds = time.time() - started
         if rc != 0:
+            disk_full = looks_like_disk_full(text="\n".join(tail)) or nearly_full([tmp])
             tmp.unlink(missing_ok=True)
             gone = [s for s in shards_before if not (model_dir / s).exists()]
             lost = (f" {len(gone)} of {len(shards_before)} shards of {model_dir} were already released: "
                     "rebuild the merged model before retrying." if gone else "")
             _write(f, f"conversion FAILED (exit {rc}) after {seconds:.1f}s.{lost}")
+            if disk_full:
+                raise DiskFullError(disk_full_message(out, f"converting {model_dir} to GGUF") + lost)
             raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {rc}) on {model_dir}.{lost}\n"
                                + "\n".join(tail))
         _check_magic(tmp)
@@ -558,9 +562,12 @@ def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=N
                 except RuntimeError as e:
                     problem = str(e)
             if problem is not None:
+                disk_full = looks_like_disk_full(text="\n".join(tail)) or nearly_full([tmp])
                 tmp.unlink(missing_ok=True)
                 lost = releaser.abort() if releaser is not None else ""
                 _write(f, f"quantization FAILED after {seconds:.1f}s: {problem}{lost}")
+                if disk_full:
+                    raise DiskFullError(disk_full_message(out, f"quantizing {src} to {qtype}") + lost)
                 raise RuntimeError(problem + lost + "\n" + "\n".join(tail))
             os.replace(tmp, out)
             if releaser is not None:

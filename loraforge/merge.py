@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from loraforge.errors import UserError
 from loraforge.safetensors_io import (
     TORCH_FLOAT_DTYPES,
     SafetensorsFormatError,
@@ -85,7 +86,7 @@ JOURNAL_FORMAT = 1
 LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP}
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """The merge was refused (before writing anything) or failed an integrity check."""
 
 
@@ -277,11 +278,18 @@ class BaseModel:
         return None if shard is None else self.headers[shard].tensors[name]
 
 
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: not valid JSON ({e})") from None
+
+
 def _shard_list(base_dir: str) -> tuple[list[str], dict[str, Any] | None, dict[str, str] | None]:
     index_path = os.path.join(base_dir, INDEX_NAME)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
+        index = _read_json(index_path)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MergeError(f"{index_path} has no weight_map")
@@ -297,8 +305,7 @@ def open_base(base_dir: str, partial_dir: str) -> BaseModel:
     config_path = os.path.join(base_dir, "config.json")
     if not os.path.exists(config_path):
         raise MergeError(f"{base_dir}: config.json not found; is this a Hugging Face model folder?")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = _read_json(config_path)
     shards, index_metadata, weight_map = _shard_list(base_dir)
     headers, tensor_shard = {}, {}
     for shard in shards:
@@ -306,7 +313,10 @@ def open_base(base_dir: str, partial_dir: str) -> BaseModel:
         if not os.path.exists(path):
             path = os.path.join(partial_dir, shard)
         if not os.path.exists(path):
-            raise MergeError(f"base shard {shard} is missing from {base_dir} (and from {partial_dir})")
+            raise MergeError(
+                f"base shard {shard} is missing from {base_dir} (and from {partial_dir}): "
+                f"{recovery_hint(partial_dir, base_dir)}"
+            )
         headers[shard] = header = read_header(path)
         for name in header.tensors:
             if name in tensor_shard:
@@ -327,9 +337,7 @@ def load_adapter(adapter_dir: str) -> tuple[dict[str, Any], MappedTensors]:
             raise MergeError(
                 f"{path} not found (a PEFT adapter folder has {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})"
             )
-    with open(config_path) as f:
-        config = json.load(f)
-    return config, MappedTensors(weights_path)
+    return _read_json(config_path), MappedTensors(weights_path)
 
 
 def _pair_lora_factors(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -652,9 +660,12 @@ class Journal:
         if len(complete) != len(data):
             with open(path, "r+b") as f:
                 f.truncate(len(complete))
-        lines = [json.loads(line) for line in complete.splitlines()]
-        if not lines or "fingerprint" not in lines[0]:
-            raise MergeError(f"{path} is not a merge journal")
+        try:
+            lines = [json.loads(line) for line in complete.splitlines()]
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MergeError(f"{path} is corrupt ({e}): {recovery_hint(os.path.dirname(path))}") from None
+        if not lines or "fingerprint" not in lines[0] or any("shard" not in entry for entry in lines[1:]):
+            raise MergeError(f"{path} is not a merge journal: {recovery_hint(os.path.dirname(path))}")
         return cls(path, lines[0]["fingerprint"], {entry["shard"]: entry for entry in lines[1:]})
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -663,6 +674,16 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         self.entries[entry["shard"]] = entry
+
+
+def recovery_hint(partial_dir: str, base_dir: str | None = None) -> str:
+    """What to delete to start an interrupted merge over. A consume-mode merge has moved base
+    shards into the partial folder: deleting it loses them, so the base must be rebuilt too."""
+    hint = f"delete {partial_dir} and run again"
+    base = f"the base's completion flag {base_dir}.complete" if base_dir else "the base's completion flag (results/<model>/base.complete)"
+    return (hint + f". If it was a consume-mode merge (export.merge_mode: consume), it holds base shards that "
+            f"were moved out of the base: also delete {base}, so that the workflow builds or fetches the base "
+            "again (the adapter is kept; training does not rerun)")
 
 
 def _fsync_dir(path: str) -> None:
@@ -924,7 +945,8 @@ def _write_json(path: str, data: Any) -> None:
 # The merge
 
 
-def merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str = "link", progress: bool = True) -> MergeReport:
+def merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str = "link", progress: bool = True,
+          base_is_users: bool = False) -> MergeReport:
     """Merge the PEFT adapter in `adapter_dir` into the model in `base_dir`, writing `out_dir`.
 
     mode: "link" hard-links shards without targeted tensors (the base stays intact and they take
@@ -932,12 +954,20 @@ def merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str = "link", pro
     durable (peak disk: base plus one shard), "copy" copies them. Links and moves fall back to a
     copy across filesystems. Do not edit linked output shards in place: they are the base's files.
 
+    base_is_users: the base is a folder the user gave (`base: {path: ...}`), not one the workflow
+    built or fetched: consume mode is refused for it, since it would use up the user's only copy.
+
     Raises MergeError, before writing anything, for adapters it cannot merge exactly. If the run is
     interrupted, `<out_dir>.partial` holds the finished shards; running the same merge again resumes.
     """
     started = time.monotonic()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mode == "consume" and base_is_users:
+        raise MergeError(
+            f"{base_dir}: refusing to consume your own base folder (consume mode moves its shards into the "
+            "merged model, which is deleted after the export); use merge mode link or copy for it"
+        )
     with _single_threaded_torch(), _no_cyclic_gc():
         return _merge(base_dir, adapter_dir, out_dir, mode, progress, started)
 
@@ -1054,7 +1084,7 @@ def _open_journal(partial_dir: str, journal_path: str, fingerprint: dict[str, An
         log.info("resuming %s: %d shards already done", partial_dir, len(journal.entries))
         return journal
     if os.path.exists(partial_dir) and os.listdir(partial_dir):
-        raise MergeError(f"{partial_dir} exists but holds no merge journal; remove it")
+        raise MergeError(f"{partial_dir} exists but holds no merge journal: {recovery_hint(partial_dir)}")
     os.makedirs(partial_dir, exist_ok=True)
     return Journal.create(journal_path, fingerprint)
 
@@ -1128,7 +1158,10 @@ def _process_shard(shard: str, base: BaseModel, updates: dict[str, TensorUpdate]
             _remove_base_shard(base_path)
             return {**entry, "resumed": True}
     if not in_base:
-        raise MergeError(f"base shard {base_path} is missing")
+        raise MergeError(
+            f"base shard {base_path} is missing (used up by an earlier consume-mode merge, or deleted): "
+            f"{recovery_hint(partial_dir, base.directory)}"
+        )
 
     with tqdm(total=header.data_bytes, unit="B", unit_scale=True, desc=shard, disable=not progress,
               mininterval=1.0, file=sys.stderr) as bar:

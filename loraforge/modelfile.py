@@ -30,6 +30,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from loraforge.errors import UserError
 
 # --------------------------------------------------------------------------------------
 # the ChatML template (Ollama Go template syntax)
@@ -92,7 +93,7 @@ DEPRECATED_PARAMETERS = ("penalize_newline", "low_vram", "f16_kv", "logits_all",
 _NIL, _NAME, _VALUE, _PARAMETER, _MESSAGE, _COMMENT = range(6)
 
 
-class ModelfileError(ValueError):
+class ModelfileError(UserError, ValueError):
     """A Modelfile Ollama would refuse; .line is the 1-based line (0 when unknown)."""
 
     def __init__(self, msg: str, line: int = 0):

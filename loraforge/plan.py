@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from loraforge import sizes as S
+from loraforge.errors import UserError
 from loraforge.sizes import Shard, human, parse_size
 
 MERGE_MODES = ("link", "consume", "copy")
@@ -51,7 +52,7 @@ DEFAULT_ROLES = {"merge_adapter": "merge", "convert_gguf": "convert", "quantize_
 RESULTS_DIR = "results"
 
 
-class PlanError(RuntimeError):
+class PlanError(UserError, RuntimeError):
     """The planned peak does not fit; the message names the step and what would fit."""
 
     def __init__(self, message: str, plan: "Plan | None" = None, alternatives: list | None = None):
@@ -298,6 +299,9 @@ class Planner:
     release_in_convert: bool | None = None
     label: str = ""
     release_in_quantize: bool | None = None
+    # False when a model of the run merges from the user's own `path:` folder, which is never
+    # consumed: consume mode is then no alternative to offer
+    consumable: bool = True
 
     def __post_init__(self):
         if self.merge_mode not in MERGE_MODES:
@@ -739,7 +743,7 @@ def alternatives(plan: Plan, quota: int | None = None, free: int | None = None) 
     if P is None:
         return []
     options = []  # (name, hint, transform)
-    if P.merge_mode != "consume":
+    if P.merge_mode != "consume" and P.consumable:
         options.append(("consume merge mode", "set export.merge_mode: consume (snakemake --config 'export={merge_mode: consume}', "
                          "loraforge plan --config export.merge_mode=consume); base shards move into merged/ and the base's weights are used up",
                          lambda p: p.replace(merge_mode="consume")))
@@ -1179,8 +1183,10 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
             free_now = shutil.disk_usage(probe).free
     finally:
         os.chdir(cwd)
+    users_bases = {m for m, cfg in (config.get("models") or {}).items() if "path" in (cfg.get("base") or {})}
     planner = Planner(steps, ri.sizes, ri.existing, merge_mode or ri.merge_mode, ri.layouts,
-                      results_dir, background=max(0, ri.background))
+                      results_dir, background=max(0, ri.background),
+                      consumable=not any(s.model in users_bases for s in steps))
     plan = planner.plan()
     if quota is None and config.get("disk_quota") is not None:
         quota = config["disk_quota"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from loraforge.errors import UserError
 
 HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -83,7 +84,7 @@ def start_writeback(fd: int, offset: int, count: int) -> None:
         _sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE)
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(UserError, ValueError):
     """A file that is not a valid safetensors file."""
 
 

@@ -125,13 +125,17 @@ def train(
     out_dir: str | os.PathLike,
     lora: dict,
     train_params: dict,
+    record: dict | None = None,
 ) -> dict:
-    """Train a LoRA adapter; writes adapter_dir and out_dir/{loss.csv,loss.png,metrics.json}."""
+    """Train a LoRA adapter; writes adapter_dir and out_dir/{loss.csv,loss.png,metrics.json}.
+    `record` (loraforge.training_record) is saved in the adapter folder for the adapter guard."""
     import torch
     from peft import get_peft_model
     from trl import SFTConfig
 
+    from loraforge import training_record
     from loraforge.base import load_tokenizer
+    from loraforge.lora_targets import check_target_modules
 
     if train_params.get("backend", "trl") != "trl":
         raise ValueError(f"train.backend: {train_params['backend']!r} is not available; use 'trl'")
@@ -141,6 +145,7 @@ def train(
             f"base model folder {base_dir} is missing (a consume-mode merge uses it up): "
             f"build or fetch it first, e.g. snakemake --cores 1 {base_dir}"
         )
+    check_target_modules(lora["target_modules"], base_dir)  # a typo fails now, not after loading
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -188,6 +193,8 @@ def train(
 
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)  # so the adapter folder is self-contained for PEFT/Unsloth
+    if record is not None:
+        training_record.write(partial, record)
     history = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     _write_loss_csv(history, out_dir / "loss.csv")
     _plot_loss(history, out_dir / "loss.png", eval_loss)

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from loraforge.errors import UserError
 
 log = logging.getLogger("loraforge")
 
@@ -31,12 +32,14 @@ TRAIN_RULE = "train_adapter"
 QUANTIZE_RULE = "quantize_gguf"
 RELEASE_DIRNAME = "release"
 ARCHIVE_DIRNAME = "adapter-archive"
+ARCHIVED_ADAPTER = "adapter"  # <model>/adapter-archive/<time>/adapter/
+ARCHIVED_REPORTS = "train"  # <model>/adapter-archive/<time>/train/{metrics.json,loss.csv,loss.png}
 DISK_LOG_DIR = Path("logs") / "disk"
 
 _state: dict = {}
 
 
-class AdapterGuardError(RuntimeError):
+class AdapterGuardError(UserError, RuntimeError):
     pass
 
 
@@ -62,8 +65,10 @@ def _is_deliberate(dag, job, needrun) -> bool:
     return any(dag.reason(dep).params_changed for dep in _ancestors(dag, job) if dep in needrun)
 
 
-def archive_adapter(adapter_dir: str | os.PathLike) -> Path:
-    """Move an adapter folder into <model>/adapter-archive/<UTC time>/ and return the new path."""
+def archive_adapter(adapter_dir: str | os.PathLike, reports: list[str | os.PathLike] = ()) -> Path:
+    """Move an adapter folder to <model>/adapter-archive/<UTC time>/adapter/ and its training
+    reports (metrics.json, loss.csv, loss.png) to .../train/; return the archive folder.
+    `loraforge restore-adapter <archive>` puts both back."""
     adapter_dir = Path(adapter_dir)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(adapter_dir.stat().st_mtime))
     archive = adapter_dir.parent / ARCHIVE_DIRNAME / stamp
@@ -71,15 +76,77 @@ def archive_adapter(adapter_dir: str | os.PathLike) -> Path:
     while archive.exists():
         archive = adapter_dir.parent / ARCHIVE_DIRNAME / f"{stamp}-{n}"
         n += 1
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(adapter_dir, archive)
+    archive.mkdir(parents=True)
+    os.rename(adapter_dir, archive / ARCHIVED_ADAPTER)
+    for report in map(Path, reports):
+        if report.exists():
+            (archive / ARCHIVED_REPORTS).mkdir(exist_ok=True)
+            os.rename(report, archive / ARCHIVED_REPORTS / report.name)
     return archive
+
+
+def restore_adapter(archive: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """Put an archived adapter (and its reports) back: <model>/adapter-archive/<time> ->
+    <model>/adapter and <model>/train/. Refuses to overwrite an existing adapter."""
+    archive = Path(archive)
+    model_dir = archive.parent.parent
+    source = archive / ARCHIVED_ADAPTER
+    if archive.parent.name != ARCHIVE_DIRNAME or not source.is_dir():
+        raise AdapterGuardError(f"{archive}: not an adapter archive (expected <model>/{ARCHIVE_DIRNAME}/<time>/{ARCHIVED_ADAPTER}/)")
+    target = model_dir / "adapter"
+    if target.exists():
+        raise AdapterGuardError(f"{target} exists: archive it first (mv {target} {target}.old) or delete it")
+    reports = []
+    if (archive / ARCHIVED_REPORTS).is_dir():
+        (model_dir / "train").mkdir(exist_ok=True)
+        for f in sorted((archive / ARCHIVED_REPORTS).iterdir()):
+            os.replace(f, model_dir / "train" / f.name)
+            reports.append(model_dir / "train" / f.name)
+    os.rename(source, target)
+    return target, reports
+
+
+def _settings_field(config, model: str, section: str, key: str) -> str:
+    own = (config["models"][model].get(section) or {})
+    return f"models.{model}.{section}.{key}" if key in own else f"defaults.{section}.{key}"
+
+
+def check_train_targets(trains, config) -> None:
+    """lora.target_modules typos fail before anything is archived or trained."""
+    from loraforge import training_record
+    from loraforge.config import model_settings
+    from loraforge.lora_targets import check_target_modules
+
+    for job in trains:
+        model = job.wildcards.model
+        check_target_modules(
+            model_settings(config, model)["lora"]["target_modules"],
+            training_record.base_dir(config, model),
+            field=_settings_field(config, model, "lora", "target_modules"),
+        )
+
+
+def _retrain_decision(dag, job, needrun, config, model: str, adapter: Path) -> tuple[bool, str]:
+    """(deliberate, why). Judged against the settings recorded in the adapter when it was
+    trained; adapters from before that record fall back to Snakemake's params comparison."""
+    from loraforge import training_record
+
+    recorded = training_record.read(adapter)
+    if recorded is None:
+        if _is_deliberate(dag, job, needrun):
+            return True, "settings changed (Snakemake params)"
+        return False, ", ".join(dag.reason(job).get_names()) or "unknown"
+    diff = training_record.changes(recorded, training_record.current_settings(config, model))
+    if diff:
+        return True, "; ".join(diff)
+    return False, ", ".join(dag.reason(job).get_names()) or "unknown"
 
 
 def guard_adapters(dag, config) -> list[tuple[str, Path]]:
     """Refuse accidental retrains; archive every adapter a train job is about to replace."""
     needrun = set(dag.needrun_jobs())
     trains = [j for j in needrun if j.rule.name == TRAIN_RULE]
+    check_train_targets(trains, config)
     opted_in = set(config.get("retrain", []))
     refused, to_archive = [], []
     for job in trains:
@@ -87,23 +154,35 @@ def guard_adapters(dag, config) -> list[tuple[str, Path]]:
         adapter = Path(job.output.adapter)
         if not adapter.exists():
             continue
-        if _is_deliberate(dag, job, needrun) or model in opted_in or "all" in opted_in:
-            to_archive.append((model, adapter))
+        if model in opted_in or "all" in opted_in:
+            to_archive.append((model, job, "--config retrain"))
+            continue
+        deliberate, why = _retrain_decision(dag, job, needrun, config, model, adapter)
+        if deliberate:
+            to_archive.append((model, job, why))
         else:
-            reasons = ", ".join(dag.reason(job).get_names()) or "unknown"
-            refused.append(f"  {model}: {adapter} would be retrained ({reasons})")
+            reports = " ".join(str(job.output[k]) for k in ("metrics", "loss_csv", "loss_png") if k in job.output.keys())
+            refused.append(
+                f"  {model}: {adapter} was trained with today's settings, but Snakemake would retrain it ({why}).\n"
+                f"    keep it: snakemake --cores 1 --touch {adapter} {reports}"
+            )
     if refused:
         raise AdapterGuardError(
             "refusing to retrain existing adapters whose settings did not change:\n"
             + "\n".join(refused)
             + "\nTo retrain anyway (the old adapter is archived, not deleted), add "
-            "--config retrain=[MODEL,...] (or retrain=[all]). To keep the adapter and mark its "
-            "inputs up to date instead: snakemake --touch <the adapter folder>."
+            "--config retrain=[MODEL,...] (or retrain=[all]). `--touch` marks the adapter and its "
+            "reports up to date (it trains nothing); if a report is missing, restore the adapter from "
+            "its archive with `loraforge restore-adapter <archive>` first."
         )
     archived = []
-    for model, adapter in to_archive:
-        dest = archive_adapter(adapter)
-        _say(f"adapter of {model} archived to {dest} before retraining (restore: mv {dest} {adapter})")
+    for model, job, why in to_archive:
+        reports = [job.output[k] for k in ("metrics", "loss_csv", "loss_png") if k in job.output.keys()]
+        dest = archive_adapter(job.output.adapter, reports)
+        _say(
+            f"adapter of {model} archived to {dest} before retraining ({why}); "
+            f"restore: loraforge restore-adapter {dest}"
+        )
         archived.append((model, dest))
     return archived
 
@@ -189,7 +268,12 @@ def on_start(workflow, config, logfile=None) -> None:
     if planning is not None and hasattr(planning, "plan_from_dag"):
         plan = planning.plan_from_dag(dag, config)
         _say("disk plan of this run:\n" + planning.format_timeline(plan))
-        planning.check_plan(plan, config)
+        try:
+            planning.check_plan(plan, config)
+        except planning.PlanError as e:
+            if config.get("disk_check", "abort") != "warn":
+                raise
+            _say(f"WARNING (disk_check: warn, going on): {e}")
     _state["manifests"] = write_release_manifests(workflow, config)
     _start_sampler(config, plan)
 
@@ -245,3 +329,20 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
     if planned:
         msg += f"; planned {planned / 1e6:.1f} MB ({100 * (measured - planned) / planned:+.1f}%)"
     _say(msg)
+
+
+# `loraforge restore-adapter ARCHIVE`
+def add_arguments(parser) -> None:
+    parser.add_argument("archive", help="results/<model>/adapter-archive/<time>")
+
+
+def run(args) -> int:
+    import sys
+
+    try:
+        adapter, reports = restore_adapter(args.archive)
+    except AdapterGuardError as e:
+        print(f"loraforge restore-adapter: {e}", file=sys.stderr)
+        return 1
+    print(f"restored {adapter}" + "".join(f"\nrestored {r}" for r in reports))
+    return 0

@@ -13,6 +13,7 @@ from loraforge import workflow_hooks
 
 try:
     config = lfconfig.validate(config)
+    lfconfig.check_paths(config)
 except lfconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
 

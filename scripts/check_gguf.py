@@ -6,26 +6,15 @@ input.gguf, output.report, params.quant (the expected general.file_type), log[0]
 
 import json
 import os
-import traceback
 
-from loraforge.gguf import GGUFCheckError, check_gguf
+from loraforge.gguf import check_gguf
+from loraforge.rulelog import rule_logging
 
-# `snakemake` is injected by Snakemake's script directive
-gguf_path = snakemake.input.gguf  # noqa: F821
-report_path = snakemake.output.report  # noqa: F821
-with open(snakemake.log[0], "w") as log:  # noqa: F821
-    try:
-        report = check_gguf(gguf_path, expect_ftype=snakemake.params.quant,  # noqa: F821
-                            threads=snakemake.threads)  # noqa: F821
-    except GGUFCheckError as e:
-        log.write(f"CHECK FAILED: {e}\n")
-        raise
-    except Exception:
-        log.write(traceback.format_exc())
-        raise
-    log.write(json.dumps(report, indent=2, default=str) + "\n")
-tmp = report_path + ".partial"
-with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, default=str)
-    f.write("\n")
-os.replace(tmp, report_path)
+smk = snakemake  # noqa: F821 (injected by Snakemake's script directive)
+with rule_logging(smk):
+    report = check_gguf(smk.input.gguf, expect_ftype=smk.params.quant, threads=smk.threads)
+    print(json.dumps(report, indent=2, default=str))
+    tmp = smk.output.report + ".partial"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, smk.output.report)

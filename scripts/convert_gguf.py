@@ -6,14 +6,18 @@ params.release_shards: delete each shard once its tensors are in the GGUF (consu
 threads; log[0]: the converter's output, progress included. All logic is in loraforge.gguf.
 """
 
-from loraforge.gguf import convert_to_gguf
+import sys
 
-# `snakemake` is injected by Snakemake's script directive
-convert_to_gguf(
-    snakemake.input.merged,  # noqa: F821
-    snakemake.output.gguf,  # noqa: F821
-    str(snakemake.params.outtype).lower(),  # noqa: F821
-    release_shards=bool(snakemake.params.get("release_shards", False)),  # noqa: F821
-    threads=snakemake.threads,  # noqa: F821
-    log=snakemake.log[0],  # noqa: F821
-)
+from loraforge.gguf import convert_to_gguf
+from loraforge.rulelog import rule_logging
+
+smk = snakemake  # noqa: F821 (injected by Snakemake's script directive)
+with rule_logging(smk):
+    convert_to_gguf(
+        smk.input.merged,
+        smk.output.gguf,
+        str(smk.params.outtype).lower(),
+        release_shards=bool(smk.params.get("release_shards", False)),
+        threads=smk.threads,
+        log=sys.stdout,  # the rule's log, under rule_logging
+    )

@@ -6,12 +6,11 @@ dimensions come from the GGUF metadata); output.tsv; params.num_ctx; log[0] (opt
 """
 
 from loraforge.memory import format_table, memory_table, write_memory_tsv
+from loraforge.rulelog import rule_logging
 
-# `snakemake` is injected by Snakemake's script directive
-sm = snakemake  # noqa: F821
-config_json = sm.input.get("config_json")
-df = memory_table(list(sm.input.ggufs), config_json or None, int(sm.params.num_ctx))
-write_memory_tsv(df, sm.output.tsv)
-if sm.log:
-    with open(sm.log[0], "w") as log:
-        log.write(format_table(df) + "\n")
+sm = snakemake  # noqa: F821 (injected by Snakemake's script directive)
+with rule_logging(sm):
+    config_json = sm.input.get("config_json")
+    df = memory_table(list(sm.input.ggufs), config_json or None, int(sm.params.num_ctx))
+    write_memory_tsv(df, sm.output.tsv)
+    print(format_table(df))

@@ -9,19 +9,16 @@ frees it while it reads it, when the consumers file written by the onstart hook 
 output, so it must not make existing GGUFs stale (Snakemake's params trigger).
 """
 
+import sys
+
 from loraforge.gguf import quantize
+from loraforge.rulelog import rule_logging
 from loraforge.workflow_hooks import release_manifest_path
 
-# `snakemake` is injected by Snakemake's script directive
+smk = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 release = False
-if (snakemake.config.get("export") or {}).get("merge_mode") == "consume":  # noqa: F821
-    release = release_manifest_path(snakemake.wildcards.model, snakemake.input.gguf)  # noqa: F821
+if (smk.config.get("export") or {}).get("merge_mode") == "consume":
+    release = release_manifest_path(smk.wildcards.model, smk.input.gguf)
 
-quantize(
-    snakemake.input.gguf,  # noqa: F821
-    snakemake.output.gguf,  # noqa: F821
-    snakemake.params.quant,  # noqa: F821
-    snakemake.threads,  # noqa: F821
-    log=snakemake.log[0],  # noqa: F821
-    release_input=release,
-)
+with rule_logging(smk):
+    quantize(smk.input.gguf, smk.output.gguf, smk.params.quant, smk.threads, log=sys.stdout, release_input=release)

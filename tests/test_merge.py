@@ -646,6 +646,8 @@ def test_snakemake_rule_script(models, tmp_path):
                 report="merged.report.json",
             params:
                 mode="link",
+                base_is_users=True,
+                remove_base_after=False,
             log:
                 "logs/merge.log",
             script:

@@ -91,7 +91,7 @@ def test_rank_change_rebuilds_that_model_only_and_archives_its_adapter(work):
     config = json.loads((work / "results/tiny/adapter/adapter_config.json").read_text())
     assert config["r"] == 4
     # the rank-8 adapter was archived, not deleted
-    archived = list((work / "results/tiny/adapter-archive").glob("*/adapter_model.safetensors"))
+    archived = list((work / "results/tiny/adapter-archive").glob("*/adapter/adapter_model.safetensors"))
     assert len(archived) == 1 and archived[0].read_bytes() == old_adapter
 
 
@@ -178,7 +178,7 @@ def test_opted_in_retrain_archives_the_old_adapter(work):
     old = (work / "results/tiny/adapter/adapter_model.safetensors").read_bytes()
     run_snakemake(work, "--forcerun", "train_adapter", "--config", "retrain=[tiny]", "--",
                   "results/tiny/train/metrics.json")
-    archived = list((work / "results/tiny/adapter-archive").glob("*/adapter_model.safetensors"))
+    archived = list((work / "results/tiny/adapter-archive").glob("*/adapter/adapter_model.safetensors"))
     assert len(archived) == 1 and archived[0].read_bytes() == old
     assert (work / "results/tiny/adapter/adapter_model.safetensors").exists()
 
@@ -193,7 +193,7 @@ def test_failed_training_keeps_the_archived_adapter_and_can_be_rerun(work):
     run = run_snakemake(work, "results/tiny/train/metrics.json", check=False)
     assert run.returncode != 0
     assert not (work / "results/tiny/adapter/adapter_model.safetensors").exists(), "no half-written adapter"
-    archived = list((work / "results/tiny/adapter-archive").glob("*/adapter_model.safetensors"))
+    archived = list((work / "results/tiny/adapter-archive").glob("*/adapter/adapter_model.safetensors"))
     assert len(archived) == 1 and archived[0].read_bytes() == old
     # fix the cause and rerun: the failed step simply runs again
     shard.write_bytes(good)
