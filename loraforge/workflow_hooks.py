@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from loraforge import merge_mode, snakemake_bridge
 from loraforge.errors import UserError
 
 log = logging.getLogger("loraforge")
@@ -34,6 +35,7 @@ RELEASE_DIRNAME = "release"
 ARCHIVE_DIRNAME = "adapter-archive"
 ARCHIVED_ADAPTER = "adapter"  # <model>/adapter-archive/<time>/adapter/
 ARCHIVED_REPORTS = "train"  # <model>/adapter-archive/<time>/train/{metrics.json,loss.csv,loss.png}
+REPORT_OUTPUTS = ("metrics", "loss_csv", "loss_png")  # named outputs of the train rule
 DISK_LOG_DIR = Path("logs") / "disk"
 
 _state: dict = {}
@@ -46,23 +48,6 @@ class AdapterGuardError(UserError, RuntimeError):
 def _say(message: str) -> None:
     # onstart runs inside Snakemake's process; print so it shows in the console and log
     print(f"[lora-forge] {message}", flush=True)
-
-
-def _ancestors(dag, job, seen=None):
-    seen = set() if seen is None else seen
-    for dep in dag.dependencies[job]:
-        if dep not in seen:
-            seen.add(dep)
-            _ancestors(dag, dep, seen)
-    return seen
-
-
-def _is_deliberate(dag, job, needrun) -> bool:
-    """A retrain is deliberate when a setting changed: the train job's own params, or the
-    params of a job upstream of it in this run (e.g. the data cap)."""
-    if dag.reason(job).params_changed:
-        return True
-    return any(dag.reason(dep).params_changed for dep in _ancestors(dag, job) if dep in needrun)
 
 
 def archive_adapter(adapter_dir: str | os.PathLike, reports: list[str | os.PathLike] = ()) -> Path:
@@ -118,7 +103,7 @@ def check_train_targets(trains, config) -> None:
     from loraforge.lora_targets import check_target_modules
 
     for job in trains:
-        model = job.wildcards.model
+        model = job.wildcards["model"]
         check_target_modules(
             model_settings(config, model)["lora"]["target_modules"],
             training_record.base_dir(config, model),
@@ -126,42 +111,37 @@ def check_train_targets(trains, config) -> None:
         )
 
 
-def _retrain_decision(dag, job, needrun, config, model: str, adapter: Path) -> tuple[bool, str]:
+def _retrain_decision(job, config) -> tuple[bool, str]:
     """(deliberate, why). Judged against the settings recorded in the adapter when it was
     trained; adapters from before that record fall back to Snakemake's params comparison."""
     from loraforge import training_record
 
-    recorded = training_record.read(adapter)
+    recorded = training_record.read(job.output["adapter"])
     if recorded is None:
-        if _is_deliberate(dag, job, needrun):
-            return True, "settings changed (Snakemake params)"
-        return False, ", ".join(dag.reason(job).get_names()) or "unknown"
-    diff = training_record.changes(recorded, training_record.current_settings(config, model))
-    if diff:
-        return True, "; ".join(diff)
-    return False, ", ".join(dag.reason(job).get_names()) or "unknown"
+        return job.settings_changed, "settings changed (Snakemake params)" if job.settings_changed else job.reasons
+    diff = training_record.changes(recorded, training_record.current_settings(config, job.wildcards["model"]))
+    return (True, "; ".join(diff)) if diff else (False, job.reasons)
 
 
-def guard_adapters(dag, config) -> list[tuple[str, Path]]:
+def guard_adapters(workflow, config) -> list[tuple[str, Path]]:
     """Refuse accidental retrains; archive every adapter a train job is about to replace."""
-    needrun = set(dag.needrun_jobs())
-    trains = [j for j in needrun if j.rule.name == TRAIN_RULE]
+    trains = snakemake_bridge.pending_jobs(workflow.dag, rule=TRAIN_RULE)
     check_train_targets(trains, config)
     opted_in = set(config.get("retrain", []))
     refused, to_archive = [], []
     for job in trains:
-        model = job.wildcards.model
-        adapter = Path(job.output.adapter)
+        model = job.wildcards["model"]
+        adapter = Path(job.output["adapter"])
         if not adapter.exists():
             continue
         if model in opted_in or "all" in opted_in:
             to_archive.append((model, job, "--config retrain"))
             continue
-        deliberate, why = _retrain_decision(dag, job, needrun, config, model, adapter)
+        deliberate, why = _retrain_decision(job, config)
         if deliberate:
             to_archive.append((model, job, why))
         else:
-            reports = " ".join(str(job.output[k]) for k in ("metrics", "loss_csv", "loss_png") if k in job.output.keys())
+            reports = " ".join(job.output[k] for k in REPORT_OUTPUTS if k in job.output)
             refused.append(
                 f"  {model}: {adapter} was trained with today's settings, but Snakemake would retrain it ({why}).\n"
                 f"    keep it: snakemake --cores 1 --touch {adapter} {reports}"
@@ -177,8 +157,8 @@ def guard_adapters(dag, config) -> list[tuple[str, Path]]:
         )
     archived = []
     for model, job, why in to_archive:
-        reports = [job.output[k] for k in ("metrics", "loss_csv", "loss_png") if k in job.output.keys()]
-        dest = archive_adapter(job.output.adapter, reports)
+        reports = [job.output[k] for k in REPORT_OUTPUTS if k in job.output]
+        dest = archive_adapter(job.output["adapter"], reports)
         _say(
             f"adapter of {model} archived to {dest} before retraining ({why}); "
             f"restore: loraforge restore-adapter {dest}"
@@ -193,87 +173,77 @@ def release_manifest_path(model: str, intermediate: str | os.PathLike) -> Path:
     return Path("logs") / str(model) / RELEASE_DIRNAME / (Path(intermediate).name + ".json")
 
 
-def _notemp(workflow) -> bool:
-    settings = getattr(workflow, "storage_settings", None)
-    return bool(getattr(settings, "notemp", False))
-
-
 def write_release_manifests(workflow, config) -> list[Path]:
     """Consume mode: for each temp intermediate GGUF read by quantize jobs of this run, the
     list of its consumers (their outputs), for the last of them to release it while it reads.
 
     Nothing is written (so nothing is released) for an intermediate that is not temp, that
     is a target, that a job of another rule also reads, or with --notemp."""
-    export = dict(config.get("export") or {})
-    if export.get("merge_mode") != "consume" or _notemp(workflow):
+    setting = (config.get("export") or {}).get("merge_mode", "auto")
+    if setting not in ("consume", "auto") or snakemake_bridge.keeps_temp_files(workflow):
         return []
-    dag = workflow.dag
-    needrun = list(dag.needrun_jobs())
-    targets = {os.path.normpath(str(f)) for f in getattr(dag, "targetfiles", set())}
-    targets |= {os.path.normpath(str(f)) for f in getattr(dag, "derived_targetfiles", set())}
+    steps = snakemake_bridge.steps_from_dag(workflow.dag)
+    temp = set().union(*(s.temp_outputs | s.temp_inputs for s in steps)) if steps else set()
     readers: dict[str, list] = {}
-    for job in needrun:
-        for f in job.input:
-            readers.setdefault(os.path.normpath(str(f)), []).append(job)
+    for step in steps:
+        for f in step.inputs:
+            readers.setdefault(os.path.normpath(f), []).append(step)
     written, started = [], time.time()
     seen: set[str] = set()
-    for job in needrun:
-        if job.rule.name != QUANTIZE_RULE or "gguf" not in job.input.keys():
+    for step in steps:
+        if step.rule != QUANTIZE_RULE:
             continue
-        inter = os.path.normpath(str(job.input.gguf))
-        if inter in seen:
-            continue
-        seen.add(inter)
-        jobs = readers.get(inter, [])
-        producer_temp = any(
-            inter in {os.path.normpath(str(o)) for o in dep.temp_output}
-            for dep, files in dag.dependencies[job].items()
-            if inter in {os.path.normpath(str(x)) for x in files}
-        )
-        if not producer_temp or inter in targets or any(j.rule.name != QUANTIZE_RULE for j in jobs):
-            continue
-        model = job.wildcards_dict.get("model") or Path(inter).parent.name
-        path = release_manifest_path(model, inter)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        info = {
-            "intermediate": os.path.abspath(inter),
-            "consumers": sorted(os.path.abspath(str(j.output.gguf)) for j in jobs),
-            "pid": os.getpid(),
-            "started": started,
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, path)
-        written.append(path)
-        # a half-released copy left by a killed run: garbage (the intermediate is rebuilt)
-        from loraforge.gguf import releasing_path
+        for inter in (os.path.normpath(f) for f in step.inputs if f.endswith(".gguf")):
+            if inter in seen:
+                continue
+            seen.add(inter)
+            jobs = readers[inter]
+            if inter not in temp or any(j.rule != QUANTIZE_RULE for j in jobs):
+                continue
+            model = step.model or Path(inter).parent.name
+            users = model in config.get("models", {}) and merge_mode.base_is_users(config, model)
+            if merge_mode.effective_mode(setting, users) != "consume":
+                continue
+            path = release_manifest_path(model, inter)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            info = {
+                "intermediate": os.path.abspath(inter),
+                "consumers": sorted(os.path.abspath(o) for j in jobs for o in j.outputs if o.endswith(".gguf")),
+                "pid": os.getpid(),
+                "started": started,
+            }
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(info, indent=2))
+            os.replace(tmp, path)
+            written.append(path)
+            # a half-released copy left by a killed run: garbage (the intermediate is rebuilt)
+            from loraforge.gguf import releasing_path
 
-        stale = releasing_path(inter)
-        if stale.exists():
-            stale.unlink()
-            _say(f"removed {stale}, left by an interrupted release")
+            stale = releasing_path(inter)
+            if stale.exists():
+                stale.unlink()
+                _say(f"removed {stale}, left by an interrupted release")
     return written
 
 
 def on_start(workflow, config, logfile=None) -> None:
-    if getattr(workflow, "touch", False):
+    if snakemake_bridge.is_touch_run(workflow):
         return  # --touch only updates timestamps: nothing is trained, deleted or written
-    dag = workflow.dag
-    guard_adapters(dag, config)
-    plan = None
+    from loraforge import plan as planning
+
+    guard_adapters(workflow, config)
+    plan = snakemake_bridge.plan_from_dag(workflow.dag, config)
+    _say("disk plan of this run:\n" + planning.format_timeline(plan))
     try:
-        from loraforge import plan as planning
-    except ImportError:  # pragma: no cover - plan module is optional at import time
-        planning = None
-    if planning is not None and hasattr(planning, "plan_from_dag"):
-        plan = planning.plan_from_dag(dag, config)
-        _say("disk plan of this run:\n" + planning.format_timeline(plan))
-        try:
-            planning.check_plan(plan, config)
-        except planning.PlanError as e:
-            if config.get("disk_check", "abort") != "warn":
-                raise
-            _say(f"WARNING (disk_check: warn, going on): {e}")
+        planning.check_plan(plan, config)
+    except planning.PlanError as e:
+        if config.get("disk_check", "abort") != "warn":
+            raise
+        _say(f"WARNING (disk_check: warn, going on): {e}")
+    if (config.get("export") or {}).get("merge_mode") == "auto":
+        reason = next((n.split(": ", 1)[1] for n in plan.notes if n.startswith("export.merge_mode auto")), "")
+        merge_mode.write_decision(plan.merge_mode, reason)
+        _say(f"export.merge_mode auto: this run merges in {plan.merge_mode} mode ({reason})")
     _state["manifests"] = write_release_manifests(workflow, config)
     _start_sampler(config, plan)
 

@@ -16,8 +16,10 @@ rule convert_gguf:
     threads: 2
     params:
         outtype=INTERMEDIATE,
-        # low-disk mode: each merged shard is deleted once its tensors are in the GGUF
-        release_shards=EXPORT["merge_mode"] == "consume",
+        # consume mode (set, or chosen by auto): each merged shard is deleted once its tensors
+        # are in the GGUF
+        merge_mode=EXPORT["merge_mode"],
+        base_is_users=lambda w: "path" in config["models"][w.model]["base"],
     script:
         "../scripts/convert_gguf.py"
 

@@ -16,7 +16,5 @@ rule merge_adapter:
     params:
         mode=EXPORT["merge_mode"],
         base_is_users=lambda w: "path" in config["models"][w.model]["base"],
-        remove_base_after=lambda w: EXPORT["merge_mode"] == "consume"
-        and "path" not in config["models"][w.model]["base"],
     script:
         "../scripts/merge.py"

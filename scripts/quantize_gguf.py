@@ -3,7 +3,7 @@
 
 input.gguf, output.gguf, params.quant, threads, log[0] (llama.cpp's log). Logic: loraforge.gguf.
 
-Low-disk mode (config export.merge_mode: consume): the last consumer of the temp intermediate
+Low-disk mode (export.merge_mode consume, or auto choosing it for this run): the last consumer of the temp intermediate
 frees it while it reads it, when the consumers file written by the onstart hook allows it
 (loraforge.gguf.release_decision). Read from the config, not a param: it does not change the
 output, so it must not make existing GGUFs stale (Snakemake's params trigger).
@@ -12,12 +12,14 @@ output, so it must not make existing GGUFs stale (Snakemake's params trigger).
 import sys
 
 from loraforge.gguf import quantize
+from loraforge.merge_mode import base_is_users, effective_mode
 from loraforge.rulelog import rule_logging
 from loraforge.workflow_hooks import release_manifest_path
 
 smk = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 release = False
-if (smk.config.get("export") or {}).get("merge_mode") == "consume":
+setting = (smk.config.get("export") or {}).get("merge_mode", "auto")
+if effective_mode(setting, base_is_users(smk.config, smk.wildcards.model)) == "consume":
     release = release_manifest_path(smk.wildcards.model, smk.input.gguf)
 
 with rule_logging(smk):

@@ -647,7 +647,6 @@ def test_snakemake_rule_script(models, tmp_path):
             params:
                 mode="link",
                 base_is_users=True,
-                remove_base_after=False,
             log:
                 "logs/merge.log",
             script:

@@ -23,10 +23,9 @@ from loraforge.plan import (
     Step,
     check,
     format_timeline,
-    plan_for_targets,
-    steps_from_dag,
     timeline_frame,
 )
+from loraforge.snakemake_bridge import plan_for_targets, steps_from_dag
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 1024**3
@@ -586,7 +585,7 @@ def toy_workflow(tmp_path):
 
 
 def test_steps_from_a_snakemake_dag(toy_workflow):
-    from loraforge.plan import build_dag
+    from loraforge.snakemake_bridge import build_dag
 
     wf = build_dag(toy_workflow / "Snakefile", ["all"], {"targets": ["30b", "8b"]}, toy_workflow)
     steps = steps_from_dag(wf.dag)
@@ -630,12 +629,13 @@ def test_cli_plan_fails_in_copy_mode_and_fits_in_consume_mode(toy_workflow, caps
 
 @pytest.mark.slow
 def test_onstart_hook_aborts_before_any_job(toy_workflow):
-    """check_workflow in `onstart:` raises before the first job: nothing is written."""
+    """The plan checked in `onstart:` raises before the first job: nothing is written."""
     sf = toy_workflow / "Snakefile"
     sf.write_text(sf.read_text() + textwrap.dedent("""
         onstart:
-            from loraforge.plan import check_workflow
-            check_workflow(workflow)
+            from loraforge.plan import check_plan
+            from loraforge.snakemake_bridge import plan_from_dag
+            check_plan(plan_from_dag(workflow.dag, config), config)
     """))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     snakemake = Path(sys.executable).parent / "snakemake"
@@ -667,3 +667,28 @@ def test_the_repository_workflow_plans(tmp_path):
     assert rules.index("merge_adapter") < rules.index("convert_gguf") < rules.index("quantize_gguf")
     with pytest.raises(PlanError, match="consume merge mode"):
         check(p, S.parse_size("95GB"), 10**15)
+
+
+def test_auto_merge_mode_links_when_it_fits_and_consumes_when_it_must(toy_workflow, capsys):
+    """The article's 30B under its 95 GB quota: auto picks consume (link would not fit); with a
+    quota link fits, it links; a user's own base folder is never consumed, so auto then fails
+    with the check's alternatives instead."""
+    from loraforge.cli import main
+
+    rc = main(["plan", "results/30b/Modelfile", "-d", str(toy_workflow), "--free", "10T",
+               "--config", "export.merge_mode=auto"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "merge mode: consume" in out and "export.merge_mode auto: consume (link would peak at" in out
+    rc = main(["plan", "results/30b/Modelfile", "-d", str(toy_workflow), "--free", "10T",
+               "--config", "export.merge_mode=auto", "disk_quota=1TB"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "merge mode: link" in out and "export.merge_mode auto: link (link fits)" in out
+    users = {"models": {"30b": {"base": {"path": str(toy_workflow / "my-30b")}}}}
+    p = plan_for_targets(toy_workflow / "Snakefile", ["results/30b/Modelfile"],
+                         {"export": {"merge_mode": "auto"}, **users}, workdir=toy_workflow, free=10**13)
+    assert p.merge_mode == "link" and any("never consumed" in n for n in p.notes)
+    with pytest.raises(PlanError) as e:
+        check(p)
+    assert "consume merge mode" not in str(e.value)

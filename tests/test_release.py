@@ -230,7 +230,7 @@ class _Pending:
 
 def test_onstart_writes_the_consumers_file_in_consume_mode_only(tmp_path, monkeypatch):
     from loraforge import workflow_hooks
-    from loraforge.plan import build_dag
+    from loraforge.snakemake_bridge import build_dag
 
     (tmp_path / "Snakefile").write_text(TOY)
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,240 @@
+"""The sizes a plan of a lora-forge run starts from: every path a step reads or writes,
+measured when it exists, else estimated from the model's config (the conventions of
+config.yaml and the rules), and `plan_steps`, which plans steps with them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from loraforge import sizes as S
+from loraforge.plan.model import DEFAULT_ROLES, RESULTS_DIR, ModelLayout, Plan, Step, _norm
+from loraforge.plan.simulate import Planner
+from loraforge.sizes import human, parse_size
+
+SMALL_FILE = 64 * 1024
+
+
+def _model_cfg(config: Mapping, key: str) -> dict:
+    return dict((config.get("models") or {}).get(key) or {})
+
+
+def base_dir_of(config: Mapping, key: str, results_dir: str = RESULTS_DIR) -> str:
+    base = _model_cfg(config, key).get("base")
+    if isinstance(base, Mapping) and base.get("path"):
+        return _norm(base["path"])
+    if isinstance(base, str) and os.path.isdir(base):
+        return _norm(base)
+    return _norm(f"{results_dir}/{key}/base")
+
+
+def hf_config_of(config: Mapping, key: str, base_dir: str) -> dict | None:
+    """The model's HF config: base/config.json when it exists, else `arch:`, else the tiny
+    architecture a `build:` base will get."""
+    local = S.load_hf_config(base_dir)
+    if local:
+        return local
+    m = _model_cfg(config, key)
+    if m.get("arch"):
+        return dict(m["arch"])
+    base = m.get("base")
+    if isinstance(base, Mapping) and base.get("build"):
+        from loraforge.base import TINY_ARCHS
+
+        arch = dict(TINY_ARCHS.get(base["build"], {}))
+        if arch:
+            tiny = config.get("tiny_base") or {}
+            arch.update(vocab_size=int(tiny.get("vocab_size", 2048)), tie_word_embeddings=True, dtype="bfloat16")
+            return arch
+    return None
+
+
+def _targets_of(config: Mapping, key: str, results_dir: str) -> set[str] | None:
+    adapter_cfg = Path(results_dir) / key / "adapter" / "adapter_config.json"
+    if adapter_cfg.is_file():
+        import json
+
+        try:
+            return S.adapter_targets(json.loads(adapter_cfg.read_text()))
+        except ValueError:
+            pass
+    lora = {**((config.get("defaults") or {}).get("lora") or {}), **(_model_cfg(config, key).get("lora") or {})}
+    tm = lora.get("target_modules")
+    if tm:
+        return S.adapter_targets({"target_modules": tm})
+    return None
+
+
+def _lora_rank(config: Mapping, key: str) -> int:
+    lora = {**((config.get("defaults") or {}).get("lora") or {}), **(_model_cfg(config, key).get("lora") or {})}
+    return int(lora.get("r", 16))
+
+
+@dataclass
+class RunInputs:
+    sizes: dict[str, int]
+    existing: dict[str, int]
+    layouts: dict[str, ModelLayout]
+    background: int
+    merge_mode: str
+    notes: list[str]
+
+
+def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_DIR) -> RunInputs:
+    """Sizes of every path the steps touch (measured when it exists, estimated from the
+    model config otherwise), the model layouts, and the bytes already under results/.
+    Paths are relative to the current directory (the workflow's workdir)."""
+    export = dict(config.get("export") or {})
+    merge_mode = str(export.get("merge_mode", "link"))
+    intermediate = str(export.get("intermediate", "Q8_0"))
+    notes: list[str] = []
+    models = sorted({s.model for s in steps if s.model})
+    layouts: dict[str, ModelLayout] = {}
+    archs: dict[str, S.Arch | None] = {}
+    seen: set = set()
+    existing: dict[str, int] = {}
+
+    # base folders first, so hard links in merged/ count for the base
+    for key in models:
+        base = base_dir_of(config, key, results_dir)
+        for s in steps:  # the merge's input is authoritative when the rules name it
+            if s.model == key and DEFAULT_ROLES.get(s.rule) == "merge":
+                cand = [p for p in s.inputs if os.path.basename(p) == "base" or p == base]
+                if cand:
+                    base = cand[0]
+        hf = hf_config_of(config, key, base)
+        try:
+            arch = S.arch_from_config(hf) if hf else None
+        except ValueError as e:
+            notes.append(f"{key}: {e}; its sizes are unknown (0)")
+            arch = None
+        archs[key] = arch
+        targets = _targets_of(config, key, results_dir)
+        shards = S.read_base_shards(base, targets)
+        if shards is not None:
+            total, _ = S.measure([base], seen)
+            existing[base] = total
+            other = max(0, total - sum(sh.bytes for sh in shards))
+        elif arch is not None:
+            max_shard = 2_000_000 if (isinstance(_model_cfg(config, key).get("base"), Mapping)
+                                      and _model_cfg(config, key)["base"].get("build")) else S.DEFAULT_SHARD_BYTES
+            shards, other = S.model_folder_bytes(arch, max_shard)
+            for sh in shards:
+                sh.targeted = True  # no index to read yet: assume every shard is rewritten
+        else:
+            shards, other = [], 0
+            notes.append(f"{key}: no config.json and no `arch:` in config.yaml; sizes unknown (0)")
+        gguf: dict[str, int] = {}
+        meta = 0
+        if arch is not None:
+            wanted = {intermediate, "Q8_0", "F16", "BF16", *map(str, export.get("quants") or [])}
+            for t in wanted:
+                try:
+                    gguf[S.ftype_name(t)] = S.gguf_bytes(arch, t)
+                except ValueError:
+                    pass
+            meta = S.gguf_metadata_bytes(arch)
+        layouts[key] = ModelLayout(key, base, shards, other, gguf, meta, arch)
+
+    sizes: dict[str, int] = {}
+    samples = (config.get("data") or {}).get("samples")
+    sample_bytes = os.path.getsize(samples) if samples and os.path.isfile(samples) else 1_000_000
+    all_paths = list(dict.fromkeys(p for s in steps for p in [*s.outputs, *s.inputs]))
+    for s in steps:
+        for p in s.outputs:
+            if p in sizes:
+                continue
+            L = layouts.get(s.model or "")
+            arch = archs.get(s.model or "")
+            sizes[p] = _estimate(p, s, L, arch, config, sample_bytes, results_dir)
+    for p in all_paths:
+        if p in existing:
+            sizes[p] = existing[p]
+            continue
+        if os.path.lexists(p):
+            total, _ = S.measure([p], seen)
+            existing[p] = total
+            sizes[p] = total
+    total_results, _ = S.measure([results_dir], seen)  # what no step touches
+    return RunInputs(sizes, existing, layouts, total_results, merge_mode, notes)
+
+
+def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample_bytes: int, results_dir: str) -> int:
+    name = os.path.basename(path)
+    if L is not None:
+        if _norm(path) == L.base_dir or name == "base":
+            return L.base_bytes
+        if name == "merged":
+            return L.merged_bytes("copy")
+        if name.endswith(".gguf"):
+            t = name[: -len(".gguf")]
+            try:
+                t = S.ftype_name(t)
+            except ValueError:
+                return 0
+            if t not in L.gguf and arch is not None:
+                L.gguf[t] = S.gguf_bytes(arch, t)
+            return L.gguf.get(t, 0)
+    if name == "adapter" and arch is not None:
+        return S.lora_adapter_bytes(arch, _lora_rank(config, step.model or ""),
+                                    _targets_of(config, step.model or "", results_dir))
+    if name in ("train.jsonl",):
+        return int(sample_bytes * 1.2)
+    if name in ("validation.jsonl",):
+        return int(sample_bytes * 0.2)
+    return SMALL_FILE
+
+
+def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | None = None,
+               quota: int | str | None = None, free: int | None = None,
+               merge_mode: str | None = None, results_dir: str = RESULTS_DIR) -> Plan:
+    """Plan `steps` of a lora-forge run with sizes from `config` (files relative to workdir)."""
+    cwd = os.getcwd()
+    if workdir is not None:
+        os.chdir(workdir)
+    try:
+        ri = gather_sizes(steps, config, results_dir)
+        free_now = free
+        if free_now is None:
+            probe = results_dir if os.path.isdir(results_dir) else "."
+            free_now = shutil.disk_usage(probe).free
+    finally:
+        os.chdir(cwd)
+    if quota is None and config.get("disk_quota") is not None:
+        quota = config["disk_quota"]
+    quota_bytes = parse_size(quota) if quota is not None else None
+    users_bases = {m for m, cfg in (config.get("models") or {}).items() if "path" in (cfg.get("base") or {})}
+    planner = Planner(steps, ri.sizes, ri.existing, "link", ri.layouts, results_dir,
+                      background=max(0, ri.background),
+                      consumable=not any(s.model in users_bases for s in steps))
+    mode = merge_mode or ri.merge_mode
+    if mode == "auto":
+        plan, reason = _choose_merge_mode(planner, quota_bytes, free_now)
+        plan.notes.append(f"export.merge_mode auto: {plan.merge_mode} ({reason})")
+    else:
+        plan = planner.replace(merge_mode=mode).plan()
+    if quota is None and config.get("disk_quota") is not None:
+        quota = config["disk_quota"]
+    plan.quota = quota_bytes
+    plan.free = free_now
+    plan.notes.extend(ri.notes)
+    return plan
+
+
+def _choose_merge_mode(planner: Planner, quota: int | None, free: int | None) -> tuple[Plan, str]:
+    """export.merge_mode auto: link when it fits, else consume when that fits and every base
+    of the run is the workflow's own; else link (the check then names what would fit)."""
+    from loraforge.plan.fit import fits
+
+    link = planner.replace(merge_mode="link").plan()
+    if fits(link, quota, free):
+        return link, "link fits"
+    if not planner.consumable:
+        return link, "link does not fit, and a user's own base folder is never consumed"
+    consume = planner.replace(merge_mode="consume").plan()
+    if fits(consume, quota, free):
+        return consume, f"link would peak at {human(link.peak)}, consume peaks at {human(consume.peak)} and fits"
+    return link, "neither link nor consume fits"
