@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One command for a fresh machine: virtualenv, pinned dependencies, llama.cpp (built from the
-# llama-cpp-python sdist with its tools), llama.cpp's HF->GGUF converter from the same sdist,
-# then the main job on the tiny default. Idempotent: a second run installs and rebuilds nothing.
+# One command for a fresh machine: virtualenv, pinned dependencies, llama.cpp (the library of
+# the llama-cpp-python sdist), llama.cpp's HF->GGUF converter from the same sdist, Go (for the
+# Ollama template test), then the main job on the tiny default. Idempotent: a second run
+# installs and rebuilds nothing.
 #
 #   ./setup.sh              # set up, then: snakemake --cores 1 (the tiny default target)
 #   ./setup.sh --no-run     # set up only
+#   LORAFORGE_LLAMA_TOOLS=1 ./setup.sh   # also build llama.cpp's tools (llama-perplexity,
+#                                        # llama-imatrix, llama-server, ...) into .venv/bin
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,19 +27,33 @@ if [[ ! -x "$PY" ]]; then
   "$PY" -m pip install -q --upgrade pip
 fi
 
-# A stamp of everything that decides the environment: change a pin and it reinstalls.
+# llama.cpp build: the library only (what quantize and generation call through llama_cpp);
+# every tool, mtmd and the server off. The tools cost about half of the compile on 2 cores
+# (cold setup 17 min -> see README "Set-up time"); LORAFORGE_LLAMA_TOOLS=1 adds them.
+# GGML_NATIVE=OFF: a native build enables AMX on these Xeons and quantized GGUFs segfault.
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
+if [[ "${LORAFORGE_LLAMA_TOOLS:-0}" == 1 ]]; then
+  LLAMA_CMAKE_ARGS+=" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAMA_BUILD_SERVER=ON"
+fi
+
+# A stamp of everything that decides the environment: change a pin or the build flags and it
+# reinstalls.
 stamp="$VENV/.loraforge-deps"
-want="torch==$TORCH_VERSION llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION $(sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
+want="torch==$TORCH_VERSION llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION [$LLAMA_CMAKE_ARGS] $(sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   # torch first and pinned: the CPU wheel. Anything that asks for torch later is satisfied.
   step "installing torch==$TORCH_VERSION (CPU)"
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
   step "installing pinned requirements"
   "$PY" -m pip install -q -r requirements.txt
-  step "building llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION with its tools (first time ~8 min on 2 cores)"
-  # GGML_NATIVE=OFF: a native build enables AMX on these Xeons and quantized GGUFs segfault.
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF" \
-    "$PY" -m pip install -q "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+  step "building llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION ($LLAMA_CMAKE_ARGS; first time ~5 min on 2 cores)"
+  # --no-cache-dir --force-reinstall: pip's wheel cache keys a source build by the sdist only,
+  # so a wheel cached from other CMAKE_ARGS (a native build, other tools) would be reused
+  # silently; always build with these flags. --no-deps keeps the pinned numpy; the second
+  # call installs the remaining dependencies (already satisfied ones are left alone).
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip install -q --no-cache-dir --force-reinstall --no-deps \
+    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+  "$PY" -m pip install -q "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
   "$PY" -m pip install -q --no-deps -e .
   if "$PY" -m pip list 2>/dev/null | grep -qi nvidia; then
     echo "error: a CUDA package was installed on a CPU machine" >&2; exit 1
@@ -59,6 +76,21 @@ if [[ "$(cat "$TOOLS/llama.cpp/.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON_VER
   echo "$LLAMA_CPP_PYTHON_VERSION" > "$TOOLS/llama.cpp/.version"
 else
   echo "llama.cpp converter up to date ($TOOLS/llama.cpp)"
+fi
+
+# Go runs Ollama's own template engine (text/template) in the Modelfile test. Debian's
+# golang-go, installed only as root with apt available; elsewhere that one test is skipped.
+if ! command -v go >/dev/null; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    step "installing Go (Debian golang-go) for the Ollama template test"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { apt-get install -y -q --no-install-recommends golang-go >/dev/null ||
+           { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends golang-go >/dev/null; }; }; then
+      echo "warning: could not install golang-go; the Ollama template test will be skipped" >&2
+    fi
+  else
+    echo "note: Go not found and apt-get unavailable (or not root): the Ollama template test will be skipped"
+  fi
 fi
 
 if [[ $run_main_job == 1 ]]; then
