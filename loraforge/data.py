@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +27,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import pandas as pd
+
+from loraforge.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -476,9 +477,8 @@ def prepare(
     source plus TOTAL; "after" = the final train + validation rows, up-weighted copies
     included, so with ``contrastive_weight > 1`` a source rich in contrastive pairs can show a
     share_after above `max_source_share`: the cap is applied before up-weighting, on
-    distinct samples). Each file is written to a hidden temp name in its directory and moved into
-    place with `os.replace`, so a half-written file never carries the final name; the
-    summary is written last. Returns the summary DataFrame.
+    distinct samples). Each file is written atomically (`loraforge.fileio`), so a half-written
+    file never carries the final name; the summary is written last. Returns the summary DataFrame.
     """
     samples = load_samples(path)
     if not samples:
@@ -487,9 +487,10 @@ def prepare(
     train, validation = split(capped, validation_fraction, seed)
     train = upweight_contrastive(train, contrastive_weight)
     summary = summarize(samples, train + validation, count_tokens)
-    _atomic_write(out_train, _jsonl(train))
-    _atomic_write(out_validation, _jsonl(validation))
-    _atomic_write(out_summary, summary.to_csv(sep="\t", index=False, float_format="%.4f", lineterminator="\n"))
+    write_text_atomic(out_train, _jsonl(train), fsync=True)
+    write_text_atomic(out_validation, _jsonl(validation), fsync=True)
+    write_text_atomic(out_summary, summary.to_csv(sep="\t", index=False, float_format="%.4f", lineterminator="\n"),
+                      fsync=True)
     log.info("prepare: %d samples -> %d after cap -> %d train (+%d up-weighted copies) / %d validation",
              len(samples), len(capped), len(train), len(train) + len(validation) - len(capped), len(validation))
     return summary

@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from loraforge.constants import INDEX_NAME, MERGE_MODES, SINGLE_SHARD_NAME
+from loraforge.fileio import PARTIAL_SUFFIX, read_hf_config
 from loraforge.safetensors_io import (
     TORCH_FLOAT_DTYPES,
     SafetensorsFormatError,
@@ -62,13 +64,9 @@ from loraforge.safetensors_io import (
 
 log = logging.getLogger(__name__)
 
-MODES = ("link", "consume", "copy")
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_SHARD_NAME = "model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_KEY_PREFIX = "base_model.model."
-PARTIAL_SUFFIX = ".partial"
 JOURNAL_NAME = ".loraforge-merge.journal"
 MARKER_NAME = ".loraforge-merge.json"  # written last: its presence means the folder is complete
 TMP_SUFFIX = ".tmp"
@@ -294,11 +292,9 @@ def _shard_list(base_dir: str) -> tuple[list[str], dict[str, Any] | None, dict[s
 def open_base(base_dir: str, partial_dir: str) -> BaseModel:
     """Read the base's config and every shard header. A shard already consumed by an interrupted
     consume-mode run is read from the partial output instead (it has the same tensors)."""
-    config_path = os.path.join(base_dir, "config.json")
-    if not os.path.exists(config_path):
+    config = read_hf_config(base_dir)
+    if config is None:
         raise MergeError(f"{base_dir}: config.json not found; is this a Hugging Face model folder?")
-    with open(config_path) as f:
-        config = json.load(f)
     shards, index_metadata, weight_map = _shard_list(base_dir)
     headers, tensor_shard = {}, {}
     for shard in shards:
@@ -936,8 +932,8 @@ def merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str = "link", pro
     interrupted, `<out_dir>.partial` holds the finished shards; running the same merge again resumes.
     """
     started = time.monotonic()
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode must be one of {MERGE_MODES}, not {mode!r}")
     with _single_threaded_torch(), _no_cyclic_gc():
         return _merge(base_dir, adapter_dir, out_dir, mode, progress, started)
 
@@ -1184,7 +1180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="DIR", help="base model folder (Hugging Face layout)")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
-    parser.add_argument("--mode", choices=MODES, default="link",
+    parser.add_argument("--mode", choices=MERGE_MODES, default="link",
                         help="untouched shards: hard-link (default), consume (move; base shards are removed), or copy")
     parser.add_argument("--report", metavar="FILE.json", help="also write the merge report here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from loraforge import sizes as S
+from loraforge.constants import MERGE_MODES
+from loraforge.fileio import read_hf_config
 from loraforge.sizes import Shard, human, parse_size
 
-MERGE_MODES = ("link", "consume", "copy")
 # rule name -> role; the roles get an in-job model, every other rule just writes its outputs
 DEFAULT_ROLES = {"merge_adapter": "merge", "convert_gguf": "convert", "quantize_gguf": "quantize"}
 RESULTS_DIR = "results"
@@ -162,7 +163,7 @@ class ModelLayout:
         readers: dict[str, set[int]] = defaultdict(set)
         for k, sh in enumerate(self.shards):
             for hf in sorted(sh.tensors):
-                g = S.gguf_name(hf)
+                g = S.gguf_name(hf, self.arch)
                 if g is None or g not in by_name:
                     continue
                 readers[g].add(k)
@@ -1010,7 +1011,7 @@ def base_dir_of(config: Mapping, key: str, results_dir: str = RESULTS_DIR) -> st
 def hf_config_of(config: Mapping, key: str, base_dir: str) -> dict | None:
     """The model's HF config: base/config.json when it exists, else `arch:`, else the tiny
     architecture a `build:` base will get."""
-    local = S.load_hf_config(base_dir)
+    local = read_hf_config(base_dir)
     if local:
         return local
     m = _model_cfg(config, key)

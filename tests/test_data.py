@@ -368,30 +368,6 @@ def test_prepare_uses_count_tokens(tmp_path):
     assert total.tokens_before == sum(len(m["content"]) for s in shipped for m in s["messages"])
 
 
-def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
-    target = tmp_path / "out.jsonl"
-    target.write_text("old\n")
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(data.os, "replace", boom)
-    with pytest.raises(OSError):
-        data._atomic_write(target, "new\n")
-    assert target.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
-
-
-def test_format_summary_markdown():
-    df = data.summarize([rec("a", "x"), rec("b", "y")], [rec("a", "x")])
-    text = data.format_summary_markdown(df)
-    lines = text.strip().splitlines()
-    assert lines[0].startswith("| source | samples before")
-    assert len(lines) == 2 + len(df)
-    assert lines[-1].startswith("| **TOTAL** | 2 |")
-    assert "| x | 1 |" in text and "50.0%" in text and "100.0%" in text
-
-
 # ----------------------------------------------------------------------------- shipped data
 
 
