@@ -131,7 +131,7 @@ def train(
     from peft import get_peft_model
     from trl import SFTConfig
 
-    from loraforge.base import load_tokenizer
+    from loraforge.tokenizer import load_tokenizer
 
     if train_params.get("backend", "trl") != "trl":
         raise ValueError(f"train.backend: {train_params['backend']!r} is not available; use 'trl'")

@@ -419,5 +419,13 @@ def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path):
     assert summary.loc["TOTAL", "tokens_before"] > 2 * words  # sub-word tokens, not words
     log_text = Path(smk.log[0]).read_text()
     assert "tokenizer: LlamaTokenizer" in log_text
+    # the same loader serves training (loraforge.train): the round-tripping tokenizer
+    from loraforge.tokenizer import PROBE, load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    assert type(tokenizer).__name__ == "LlamaTokenizer"
+    assert tokenizer.decode(tokenizer.encode(PROBE, add_special_tokens=False)) == PROBE
+    with pytest.raises(RuntimeError, match=f"could not load a tokenizer from {tmp_path / 'out'}"):
+        load_tokenizer(tmp_path / "out")
     assert summary.loc["TOTAL", "samples_after"] == sum(
         1 for name in ("train.jsonl", "validation.jsonl") for _ in (out / name).open())
