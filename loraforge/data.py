@@ -422,37 +422,7 @@ def summarize(before: Sequence[dict], after: Sequence[dict], count_tokens=None) 
     return df
 
 
-def format_summary_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of a `prepare` summary (shares as percentages)."""
-    headers = ["source", "samples before", "tokens before", "share before",
-               "samples after", "tokens after", "share after"]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
-    for row in df.itertuples(index=False):
-        source = f"**{row.source}**" if row.source == "TOTAL" else str(row.source)
-        cells = [source,
-                 f"{int(row.samples_before):,}", f"{int(row.tokens_before):,}", f"{100 * row.share_before:.1f}%",
-                 f"{int(row.samples_after):,}", f"{int(row.tokens_after):,}", f"{100 * row.share_after:.1f}%"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _jsonl(samples: Iterable[dict]) -> str:

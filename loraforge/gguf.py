@@ -629,11 +629,12 @@ def gguf_metadata(path, *, tensors: bool = True) -> dict:
 
 def check_gguf(path, expect_arch: str | None = None, expect_ftype: str | int | None = None, *,
                load: bool = True, prompt: str = DEFAULT_CHECK_PROMPT, n_predict: int = 8,
-               n_ctx: int = 256, threads: int | None = None) -> dict:
+               n_ctx: int = 256, threads: int | None = None, report_path: str | os.PathLike | None = None) -> dict:
     """Smoke-check a GGUF: metadata (architecture, general.file_type, chat template present,
     EOS = <|im_end|>, tensors present) and, with load=True, load it in llama.cpp and greedily
-    generate a few tokens from a ChatML prompt. Returns a report dict; raises GGUFCheckError
-    listing every problem found."""
+    generate a few tokens from a ChatML prompt. Returns a report dict, also written as JSON to
+    report_path (atomically) when given; raises GGUFCheckError listing every problem found
+    (and writes no report)."""
     path = Path(path)
     if not path.is_file():
         raise GGUFCheckError(f"{path} does not exist")
@@ -671,6 +672,8 @@ def check_gguf(path, expect_arch: str | None = None, expect_ftype: str | int | N
     report["problems"] = problems
     if problems:
         raise GGUFCheckError(f"{path}: " + "; ".join(problems))
+    if report_path is not None:
+        write_json_atomic(report_path, report)
     return report
 
 

@@ -609,16 +609,6 @@ def _merge_matrix(update: TensorUpdate, m: MatrixUpdate, shape: tuple[int, ...],
         raise MergeError(f"{update.tensor}{where} is unchanged after merging {update.source}: the delta rounds away")
 
 
-def apply_update(weight: torch.Tensor, update: TensorUpdate, workspace: Workspace | None = None) -> None:
-    """W += scale * B @ A for every matrix of `update`, in place on an in-memory tensor (the merge
-    itself streams blocks from the base shard to the output instead)."""
-    workspace = workspace or Workspace()
-    for m in update.matrices:
-        matrix = weight if m.expert is None else weight[m.expert]
-        _merge_matrix(update, m, tuple(matrix.shape), lambda start, n: matrix[start : start + n],
-                      lambda start, merged: matrix[start : start + merged.shape[0]].copy_(merged), workspace)
-
-
 # ---------------------------------------------------------------------------------------------
 # Journal and files
 
@@ -1160,16 +1150,6 @@ def _publish(partial_dir: str, out_dir: str) -> None:
         os.rmdir(out_dir)  # empty (checked at the start); e.g. created by a workflow manager
     os.rename(partial_dir, out_dir)
     _fsync_dir(os.path.dirname(out_dir))
-
-
-def remove_consumed_base(base_dir: str) -> None:
-    """Delete what a consume-mode merge left of the base folder (config, tokenizer, index), once
-    no shard of it remains. For workflows whose base is a disposable download."""
-    shards, _, _ = _shard_list(base_dir)
-    left = [shard for shard in shards if os.path.exists(os.path.join(base_dir, shard))]
-    if left:
-        raise MergeError(f"{base_dir} still holds {len(left)} shards (e.g. {left[0]}); it was not consumed")
-    shutil.rmtree(base_dir)
 
 
 # ---------------------------------------------------------------------------------------------

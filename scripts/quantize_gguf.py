@@ -1,7 +1,11 @@
-"""Snakemake `script:` for quantize_gguf: intermediate GGUF -> params.quant (Q4_K_M, Q5_K_M,
-...) through llama-cpp-python's llama_model_quantize with allow_requantize=True.
+"""Snakemake rule script for quantize_gguf: intermediate GGUF -> params.quant (Q4_K_M, Q5_K_M,
+...) through llama-cpp-python's llama_model_quantize with allow_requantize=True
+(loraforge.gguf.quantize).
 
-input.gguf, output.gguf, params.quant, threads, log[0] (llama.cpp's log). Logic: loraforge.gguf.
+    input:  gguf (the intermediate), adapter (only for staleness: snakemake#2011)
+    params: quant
+    output: gguf
+    log:    one file (llama.cpp's log)
 
 Low-disk mode (config export.merge_mode: consume): the last consumer of the temp intermediate
 frees it while it reads it, when the consumers file written by the onstart hook allows it
@@ -10,18 +14,17 @@ output, so it must not make existing GGUFs stale (Snakemake's params trigger).
 """
 
 from loraforge.gguf import quantize
+from loraforge.rulelog import rule_logging
 from loraforge.workflow_hooks import release_manifest_path
 
-# `snakemake` is injected by Snakemake's script directive
-release = False
-if (snakemake.config.get("export") or {}).get("merge_mode") == "consume":  # noqa: F821
-    release = release_manifest_path(snakemake.wildcards.model, snakemake.input.gguf)  # noqa: F821
-
-quantize(
-    snakemake.input.gguf,  # noqa: F821
-    snakemake.output.gguf,  # noqa: F821
-    snakemake.params.quant,  # noqa: F821
-    snakemake.threads,  # noqa: F821
-    log=snakemake.log[0],  # noqa: F821
-    release_input=release,
-)
+smk = snakemake  # noqa: F821 - injected by Snakemake's script: directive
+with rule_logging(smk):
+    consume = (smk.config.get("export") or {}).get("merge_mode") == "consume"
+    quantize(
+        smk.input.gguf,
+        smk.output.gguf,
+        smk.params.quant,
+        smk.threads,
+        log=smk.log[0],
+        release_input=release_manifest_path(smk.wildcards.model, smk.input.gguf) if consume else False,
+    )

@@ -1,4 +1,14 @@
+"""Snakemake rule script for train_adapter: LoRA/QLoRA SFT with TRL + PEFT
+(loraforge.train.train); the adapter folder is written atomically.
+
+    input:  base (ancient), train, validation (JSONL)
+    params: base_dir, lora, train (the model's settings)
+    output: adapter (folder), metrics (JSON), loss_csv, loss_png (all three in one folder)
+    log:    one file
+"""
+
 import json
+import os
 
 from loraforge.rulelog import rule_logging
 from loraforge.train import train
@@ -9,7 +19,7 @@ with rule_logging(snakemake):
         snakemake.input.train,
         snakemake.input.validation,
         adapter_dir=snakemake.output.adapter,
-        out_dir=str(snakemake.output.metrics).rsplit("/", 1)[0],
+        out_dir=os.path.dirname(snakemake.output.metrics),
         lora=dict(snakemake.params.lora),
         train_params=dict(snakemake.params.train),
     )
