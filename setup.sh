@@ -28,8 +28,8 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 # llama.cpp build: the library only (what quantize and generation call through llama_cpp);
-# every tool, mtmd and the server off. The tools cost about half of the compile on 2 cores
-# (cold setup 17 min -> see README "Set-up time"); LORAFORGE_LLAMA_TOOLS=1 adds them.
+# every tool, mtmd and the server off: 127 of the 203 compile units of a build with every
+# tool (README "Set-up time"); LORAFORGE_LLAMA_TOOLS=1 adds them.
 # GGML_NATIVE=OFF: a native build enables AMX on these Xeons and quantized GGUFs segfault.
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 if [[ "${LORAFORGE_LLAMA_TOOLS:-0}" == 1 ]]; then
@@ -40,7 +40,23 @@ fi
 # reinstalls.
 stamp="$VENV/.loraforge-deps"
 want="torch==$TORCH_VERSION llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION [$LLAMA_CMAKE_ARGS] $(sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
-if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+need_env=0; need_converter=0
+[[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]] && need_env=1
+[[ "$(cat "$TOOLS/llama.cpp/.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON_VERSION" ]] && need_converter=1
+
+# One download of the llama-cpp-python sdist serves both the library build and the converter,
+# so they are one llama.cpp commit. --no-binary for this package only: with :all: pip would
+# also build every build dependency of the sdist's metadata step from source (minutes).
+sdist=""
+if [[ $need_env == 1 || $need_converter == 1 ]]; then
+  step "downloading the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  "$PY" -m pip download -q --no-cache-dir --no-deps --no-binary llama-cpp-python -d "$tmp" \
+    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+  sdist=$(ls "$tmp"/llama_cpp_python-*.tar.gz)
+fi
+
+if [[ $need_env == 1 ]]; then
   # torch first and pinned: the CPU wheel. Anything that asks for torch later is satisfied.
   step "installing torch==$TORCH_VERSION (CPU)"
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
@@ -51,8 +67,7 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   # so a wheel cached from other CMAKE_ARGS (a native build, other tools) would be reused
   # silently; always build with these flags. --no-deps keeps the pinned numpy; the second
   # call installs the remaining dependencies (already satisfied ones are left alone).
-  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip install -q --no-cache-dir --force-reinstall --no-deps \
-    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip install -q --no-cache-dir --force-reinstall --no-deps "$sdist"
   "$PY" -m pip install -q "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
   "$PY" -m pip install -q --no-deps -e .
   if "$PY" -m pip list 2>/dev/null | grep -qi nvidia; then
@@ -64,11 +79,9 @@ else
 fi
 
 # llama.cpp's converter at the same commit as the quantizer: from the same sdist.
-if [[ "$(cat "$TOOLS/llama.cpp/.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON_VERSION" ]]; then
+if [[ $need_converter == 1 ]]; then
   step "extracting llama.cpp's converter into $TOOLS/llama.cpp"
-  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  "$PY" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
-  tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp" --wildcards \
+  tar xzf "$sdist" -C "$tmp" --wildcards \
     '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' \
     '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' '*/vendor/llama.cpp/LICENSE'
   rm -rf "$TOOLS/llama.cpp"; mkdir -p "$TOOLS"
