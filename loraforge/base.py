@@ -16,16 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
+from loraforge.constants import CHATML_JINJA_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+from loraforge.fileio import atomic_output, partial_path, write_json_atomic
+from loraforge.tokenizer import load_tokenizer
+
 # ChatML, as Qwen uses it. <|im_end|> ends a turn (EOS for chat), <|endoftext|> ends a document.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = "<|endoftext|>"
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+EOS_TOKEN = IM_END
+PAD_TOKEN = ENDOFTEXT
 
 # Shapes: every input width (hidden 256, intermediate 512, heads*head_dim 256, expert 256)
 # is a multiple of 256, the K-quant super-block, so Q4_K/Q5_K/Q6_K really apply.
@@ -123,21 +121,14 @@ def train_tokenizer(lines: list[str], out_dir: str | os.PathLike, vocab_size: in
         "pad_token": PAD_TOKEN,
         "unk_token": "<unk>",
         "model_max_length": 8192,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": CHATML_JINJA_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     tok = AutoTokenizer.from_pretrained(out)
     tok.save_pretrained(out)  # adds tokenizer.json (fast) next to tokenizer.model
     # save_pretrained may rewrite the config; restore ours so the class and tokens are explicit
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (out / "chat_template.jinja").write_text(CHATML_TEMPLATE)
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The tokenizer of a model folder (hub or tiny)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    (out / "chat_template.jinja").write_text(CHATML_JINJA_TEMPLATE)
 
 
 def tiny_config(arch: str, tokenizer, max_position_embeddings: int = 8192):
@@ -205,48 +196,49 @@ def build_tiny_base(
     seed: int = 0,
     max_shard_size: str = "1MB",
     dtype: str = "bfloat16",
+    report: str | os.PathLike | None = None,
 ) -> dict:
-    """Build a tiny base model folder; returns metrics (loss before/after vs ln(vocab)).
+    """Build a tiny base model folder; returns metrics (loss before/after vs ln(vocab)), also
+    written as JSON to `report` when given.
 
-    Written to `out_dir.partial` and renamed at the end, so an interrupted build never
-    leaves a folder that looks finished."""
+    Written to `out_dir.partial` and renamed at the end (`loraforge.fileio.atomic_output`),
+    so an interrupted build never leaves a folder that looks finished."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    out = Path(out_dir)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     started = time.time()
-    lines = read_corpus(corpus)
-    train_tokenizer(lines, partial, vocab_size=vocab_size)
-    tokenizer = load_tokenizer(partial)
+    with atomic_output(out_dir) as partial:
+        lines = read_corpus(corpus)
+        train_tokenizer(lines, partial, vocab_size=vocab_size)
+        tokenizer = load_tokenizer(partial)
 
-    random.seed(seed)
-    torch.manual_seed(seed)
-    config = tiny_config(arch, tokenizer)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    losses = pretrain(model, tokenizer, lines, pretrain_steps, seq_len, batch_size, learning_rate, seed) if pretrain_steps else []
+        random.seed(seed)
+        torch.manual_seed(seed)
+        config = tiny_config(arch, tokenizer)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        losses = pretrain(model, tokenizer, lines, pretrain_steps, seq_len, batch_size, learning_rate, seed) if pretrain_steps else []
 
-    model.to(getattr(torch, dtype))
-    model.config.dtype = dtype
-    model.save_pretrained(partial, max_shard_size=max_shard_size)
-    GenerationConfig(
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False
-    ).save_pretrained(partial)
+        model.to(getattr(torch, dtype))
+        model.config.dtype = dtype
+        model.save_pretrained(partial, max_shard_size=max_shard_size)
+        GenerationConfig(
+            eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False
+        ).save_pretrained(partial)
 
-    metrics = {
-        "arch": arch,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tokenizer),
-        "ln_vocab": math.log(len(tokenizer)),
-        "pretrain_steps": pretrain_steps,
-        "loss_first": losses[0] if losses else None,
-        "loss_final": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "shards": len(list(partial.glob("*.safetensors"))),
-        "seconds": round(time.time() - started, 2),
-    }
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
+        metrics = {
+            "arch": arch,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(tokenizer),
+            "ln_vocab": math.log(len(tokenizer)),
+            "pretrain_steps": pretrain_steps,
+            "loss_first": losses[0] if losses else None,
+            "loss_final": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "shards": len(list(partial.glob("*.safetensors"))),
+            "seconds": round(time.time() - started, 2),
+        }
+    print(json.dumps(metrics, indent=2))
+    if report is not None:
+        write_json_atomic(report, metrics)
     return metrics
 
 
@@ -258,7 +250,8 @@ def fetch_hub_base(repo_id: str, out_dir: str | os.PathLike, revision: str | Non
     from huggingface_hub import snapshot_download
 
     out = Path(out_dir)
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
+    # a partial download is kept on failure: snapshot_download resumes it (retries: in the rule)
     snapshot_download(
         repo_id=repo_id,
         revision=revision,

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, validators
+
+from loraforge.constants import NEEDS_IMATRIX
 from loraforge.errors import UserError
+from loraforge.fileio import read_hf_config
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
 # K-quants and friends below ~3 bits need an importance matrix, which this pipeline does not
 # build yet: llama-quantize would fail hours into an export.
-NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
 MOE_MODEL_TYPES = {"qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe"}
-MOE_TINY_ARCHS = {"qwen3_moe"}
 
 
 class ConfigError(UserError, ValueError):
@@ -202,11 +202,9 @@ def model_type(config: dict, key: str) -> str | None:
     if "build" in base:
         return base["build"]
     if "path" in base:
-        cfg = Path(base["path"]) / "config.json"
-        if cfg.exists():
-            import json
-
-            return json.loads(cfg.read_text()).get("model_type")
+        cfg = read_hf_config(base["path"])
+        if cfg is not None:
+            return cfg.get("model_type")
     return model.get("arch", {}).get("model_type")
 
 

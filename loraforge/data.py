@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 from loraforge.errors import UserError
+
+from loraforge.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -434,37 +435,7 @@ def summarize(before: Sequence[dict], after: Sequence[dict], count_tokens=None) 
     return df
 
 
-def format_summary_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of a `prepare` summary (shares as percentages)."""
-    headers = ["source", "samples before", "tokens before", "share before",
-               "samples after", "tokens after", "share after"]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
-    for row in df.itertuples(index=False):
-        source = f"**{row.source}**" if row.source == "TOTAL" else str(row.source)
-        cells = [source,
-                 f"{int(row.samples_before):,}", f"{int(row.tokens_before):,}", f"{100 * row.share_before:.1f}%",
-                 f"{int(row.samples_after):,}", f"{int(row.tokens_after):,}", f"{100 * row.share_after:.1f}%"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _jsonl(samples: Iterable[dict]) -> str:
@@ -489,9 +460,8 @@ def prepare(
     source plus TOTAL; "after" = the final train + validation rows, up-weighted copies
     included, so with ``contrastive_weight > 1`` a source rich in contrastive pairs can show a
     share_after above `max_source_share`: the cap is applied before up-weighting, on
-    distinct samples). Each file is written to a hidden temp name in its directory and moved into
-    place with `os.replace`, so a half-written file never carries the final name; the
-    summary is written last. Returns the summary DataFrame.
+    distinct samples). Each file is written atomically (`loraforge.fileio`), so a half-written
+    file never carries the final name; the summary is written last. Returns the summary DataFrame.
     """
     samples = load_samples(path)
     if not samples:
@@ -500,9 +470,10 @@ def prepare(
     train, validation = split(capped, validation_fraction, seed)
     train = upweight_contrastive(train, contrastive_weight)
     summary = summarize(samples, train + validation, count_tokens)
-    _atomic_write(out_train, _jsonl(train))
-    _atomic_write(out_validation, _jsonl(validation))
-    _atomic_write(out_summary, summary.to_csv(sep="\t", index=False, float_format="%.4f", lineterminator="\n"))
+    write_text_atomic(out_train, _jsonl(train), fsync=True)
+    write_text_atomic(out_validation, _jsonl(validation), fsync=True)
+    write_text_atomic(out_summary, summary.to_csv(sep="\t", index=False, float_format="%.4f", lineterminator="\n"),
+                      fsync=True)
     log.info("prepare: %d samples -> %d after cap -> %d train (+%d up-weighted copies) / %d validation",
              len(samples), len(capped), len(train), len(train) + len(validation) - len(capped), len(validation))
     return summary

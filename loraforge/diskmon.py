@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from loraforge.fileio import atomic_output
 from loraforge.sizes import human, measure
 
 
@@ -105,18 +106,14 @@ class DiskSampler:
             return max((s[1] for s in self.samples), default=0)
 
     def write_tsv(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             rows = list(self.samples)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh, delimiter="\t", lineterminator="\n")
             w.writerow(["t_seconds", "bytes", *self.paths])
             for t, total, per in rows:
                 w.writerow([f"{t:.3f}", total, *per])
-        os.replace(tmp, path)
-        return path
+        return Path(path)
 
 
 def read_tsv(tsv: str | os.PathLike) -> tuple[list[str], list[float], list[int], dict[str, list[int]]]:

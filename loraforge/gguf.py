@@ -43,10 +43,11 @@ from typing import IO, Iterable, Iterator
 
 from loraforge import llamacpp
 from loraforge.errors import DiskFullError, UserError, disk_full_message, looks_like_disk_full, nearly_full
+from loraforge.fileio import partial_path, write_json_atomic
+from loraforge.constants import CONVERTER_FTYPES, ENDOFTEXT, FTYPE_ALIASES, IM_END, IM_START, NEEDS_IMATRIX
 
 # the outtypes convert_hf_to_gguf.py writes directly
-CONVERTER_OUTTYPES = ("q8_0", "f16", "bf16", "f32")
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CONVERTER_OUTTYPES = tuple(t.lower() for t in CONVERTER_FTYPES)
 DEFAULT_CHECK_PROMPT = (
     f"{IM_START}system\nYou are an expert Ruby on Rails architect.{IM_END}\n"
     f"{IM_START}user\nWrite a Rails model for a blog post with a title.{IM_END}\n"
@@ -79,11 +80,6 @@ def _write(f: IO[str] | None, text: str) -> None:
     if f is not None:
         f.write(text if text.endswith("\n") else text + "\n")
         f.flush()
-
-
-def partial_path(out_path: str | os.PathLike) -> Path:
-    out = Path(out_path)
-    return out.with_name(out.name + ".partial")
 
 
 def _check_magic(path: Path) -> None:
@@ -168,10 +164,6 @@ def convert_to_gguf(model_dir, out_path, outtype: str = "q8_0", *, release_shard
 # quantize
 # --------------------------------------------------------------------------------------
 
-# llama-quantize's short aliases
-_FTYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-# these need an importance matrix (llama.cpp refuses them without one)
-NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
 
 
 def quant_types() -> dict[str, int]:
@@ -186,7 +178,7 @@ def quant_types() -> dict[str, int]:
             out[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama_cpp, attr))
         elif attr == "LLAMA_FTYPE_ALL_F32":
             out["F32"] = int(getattr(llama_cpp, attr))
-    for alias, target in _FTYPE_ALIASES.items():
+    for alias, target in FTYPE_ALIASES.items():
         if target in out:
             out[alias] = out[target]
     return out
@@ -204,7 +196,7 @@ def ftype_for(qtype: str) -> int:
 def ftype_name(ftype: int) -> str:
     """The canonical name of a general.file_type value (e.g. 15 -> 'Q4_K_M')."""
     for name, value in quant_types().items():
-        if value == int(ftype) and name not in _FTYPE_ALIASES:
+        if value == int(ftype) and name not in FTYPE_ALIASES:
             return name
     return f"UNKNOWN_{int(ftype)}"
 
@@ -644,11 +636,12 @@ def gguf_metadata(path, *, tensors: bool = True) -> dict:
 
 def check_gguf(path, expect_arch: str | None = None, expect_ftype: str | int | None = None, *,
                load: bool = True, prompt: str = DEFAULT_CHECK_PROMPT, n_predict: int = 8,
-               n_ctx: int = 256, threads: int | None = None) -> dict:
+               n_ctx: int = 256, threads: int | None = None, report_path: str | os.PathLike | None = None) -> dict:
     """Smoke-check a GGUF: metadata (architecture, general.file_type, chat template present,
     EOS = <|im_end|>, tensors present) and, with load=True, load it in llama.cpp and greedily
-    generate a few tokens from a ChatML prompt. Returns a report dict; raises GGUFCheckError
-    listing every problem found."""
+    generate a few tokens from a ChatML prompt. Returns a report dict, also written as JSON to
+    report_path (atomically) when given; raises GGUFCheckError listing every problem found
+    (and writes no report)."""
     path = Path(path)
     if not path.is_file():
         raise GGUFCheckError(f"{path} does not exist")
@@ -686,6 +679,8 @@ def check_gguf(path, expect_arch: str | None = None, expect_ftype: str | int | N
     report["problems"] = problems
     if problems:
         raise GGUFCheckError(f"{path}: " + "; ".join(problems))
+    if report_path is not None:
+        write_json_atomic(report_path, report)
     return report
 
 

@@ -2,8 +2,9 @@
 
 Two halves of one llama.cpp commit are used (toolchain facts, "llama.cpp from PyPI"):
 
-- the compiled library and tools of `llama-cpp-python` (the quantizer, `llama-quantize`,
-  `llama-perplexity`, ...: `site-packages/bin`, needing `LD_LIBRARY_PATH=site-packages/lib`);
+- the compiled library of `llama-cpp-python` (the quantizer, `llama_model_quantize`, and
+  generation; setup.sh builds the library only, `LORAFORGE_LLAMA_TOOLS=1 ./setup.sh` adds the
+  command-line tools such as `llama-perplexity`, `llama-imatrix`, `llama-server`);
 - the Python converter from the same sdist, extracted at `tools/llama.cpp/`
   (`convert_hf_to_gguf.py`, `conversion/`, and its own `gguf-py/`), so converter and
   quantizer agree on the format. `LORAFORGE_LLAMACPP_DIR` points elsewhere if needed.
@@ -77,44 +78,6 @@ def converter_script() -> Path:
 def gguf_py_dir() -> Path:
     """The converter's own gguf-py (same commit as the quantizer), not the PyPI `gguf`."""
     return llamacpp_dir() / "gguf-py"
-
-
-def _llama_cpp_package_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.origin:
-        raise ModuleNotFoundError("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
-    return Path(spec.origin).resolve().parent
-
-
-def tools_bin_dir() -> Path:
-    """site-packages/bin: llama-quantize, llama-perplexity, ... (built with LLAMA_TOOLS_INSTALL)."""
-    return _llama_cpp_package_dir().parent / "bin"
-
-
-def tools_lib_dir() -> Path:
-    """site-packages/lib: libllama.so, libggml*.so that the tools need on LD_LIBRARY_PATH."""
-    return _llama_cpp_package_dir().parent / "lib"
-
-
-def tool_path(name: str) -> Path:
-    """Full path of a llama.cpp tool, e.g. tool_path('llama-quantize')."""
-    p = tools_bin_dir() / name
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"{name} not found in {tools_bin_dir()}; build llama-cpp-python with "
-            'CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON"'
-        )
-    return p
-
-
-def tool_env(base: dict | None = None) -> dict:
-    """Environment for running the llama.cpp binaries (LD_LIBRARY_PATH set)."""
-    env = dict(os.environ if base is None else base)
-    lib = str(tools_lib_dir())
-    env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
-    return env
 
 
 def converter_env(threads: int | None = None, base: dict | None = None) -> dict:

@@ -37,12 +37,16 @@ column; `min_ram_gib` is the total rounded up to a whole GiB.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
+
+from loraforge.fileio import atomic_output, read_hf_config
+
+log = logging.getLogger("loraforge.memory")
 
 GIB = 1024**3
 MIB = 1024**2
@@ -77,10 +81,7 @@ def load_config(hf_config) -> dict:
         return dict(hf_config)
     if hasattr(hf_config, "to_dict"):
         return hf_config.to_dict()
-    p = Path(hf_config)
-    if p.is_dir():
-        p = p / "config.json"
-    return json.loads(p.read_text(encoding="utf-8"))
+    return read_hf_config(hf_config, required=True)
 
 
 def model_dims(hf_config) -> ModelDims:
@@ -243,12 +244,19 @@ def memory_table(gguf_paths: Iterable[str | os.PathLike], hf_config, num_ctx: in
 
 def write_memory_tsv(df, path: str | os.PathLike) -> Path:
     """Write the table as TSV (temporary name, then renamed)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    df.to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, out)
-    return out
+    with atomic_output(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False)
+    return Path(path)
+
+
+def write_memory_table(gguf_paths: Iterable[str | os.PathLike], hf_config, num_ctx: int,
+                       path: str | os.PathLike):
+    """`memory_table` written as TSV to path (the memory_table rule); logs the formatted
+    table. Returns the DataFrame."""
+    df = memory_table(gguf_paths, hf_config, num_ctx)
+    write_memory_tsv(df, path)
+    log.info("RAM per quant at num_ctx=%d:\n%s", num_ctx, format_table(df))
+    return df
 
 
 def format_table(df) -> str:

@@ -49,6 +49,8 @@ import torch
 from tqdm import tqdm
 
 from loraforge.errors import UserError
+from loraforge.constants import INDEX_NAME, MERGE_MODES, SINGLE_SHARD_NAME
+from loraforge.fileio import PARTIAL_SUFFIX, read_hf_config
 from loraforge.safetensors_io import (
     TORCH_FLOAT_DTYPES,
     SafetensorsFormatError,
@@ -63,13 +65,9 @@ from loraforge.safetensors_io import (
 
 log = logging.getLogger(__name__)
 
-MODES = ("link", "consume", "copy")
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_SHARD_NAME = "model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_KEY_PREFIX = "base_model.model."
-PARTIAL_SUFFIX = ".partial"
 JOURNAL_NAME = ".loraforge-merge.journal"
 MARKER_NAME = ".loraforge-merge.json"  # written last: its presence means the folder is complete
 TMP_SUFFIX = ".tmp"
@@ -302,10 +300,9 @@ def _shard_list(base_dir: str) -> tuple[list[str], dict[str, Any] | None, dict[s
 def open_base(base_dir: str, partial_dir: str) -> BaseModel:
     """Read the base's config and every shard header. A shard already consumed by an interrupted
     consume-mode run is read from the partial output instead (it has the same tensors)."""
-    config_path = os.path.join(base_dir, "config.json")
-    if not os.path.exists(config_path):
+    config = read_hf_config(base_dir)
+    if config is None:
         raise MergeError(f"{base_dir}: config.json not found; is this a Hugging Face model folder?")
-    config = _read_json(config_path)
     shards, index_metadata, weight_map = _shard_list(base_dir)
     headers, tensor_shard = {}, {}
     for shard in shards:
@@ -619,16 +616,6 @@ def _merge_matrix(update: TensorUpdate, m: MatrixUpdate, shape: tuple[int, ...],
     if not changed:
         where = "" if m.expert is None else f" (expert {m.expert})"
         raise MergeError(f"{update.tensor}{where} is unchanged after merging {update.source}: the delta rounds away")
-
-
-def apply_update(weight: torch.Tensor, update: TensorUpdate, workspace: Workspace | None = None) -> None:
-    """W += scale * B @ A for every matrix of `update`, in place on an in-memory tensor (the merge
-    itself streams blocks from the base shard to the output instead)."""
-    workspace = workspace or Workspace()
-    for m in update.matrices:
-        matrix = weight if m.expert is None else weight[m.expert]
-        _merge_matrix(update, m, tuple(matrix.shape), lambda start, n: matrix[start : start + n],
-                      lambda start, merged: matrix[start : start + merged.shape[0]].copy_(merged), workspace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -961,8 +948,8 @@ def merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str = "link", pro
     interrupted, `<out_dir>.partial` holds the finished shards; running the same merge again resumes.
     """
     started = time.monotonic()
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode must be one of {MERGE_MODES}, not {mode!r}")
     if mode == "consume" and base_is_users:
         raise MergeError(
             f"{base_dir}: refusing to consume your own base folder (consume mode moves its shards into the "
@@ -1199,16 +1186,6 @@ def _publish(partial_dir: str, out_dir: str) -> None:
     _fsync_dir(os.path.dirname(out_dir))
 
 
-def remove_consumed_base(base_dir: str) -> None:
-    """Delete what a consume-mode merge left of the base folder (config, tokenizer, index), once
-    no shard of it remains. For workflows whose base is a disposable download."""
-    shards, _, _ = _shard_list(base_dir)
-    left = [shard for shard in shards if os.path.exists(os.path.join(base_dir, shard))]
-    if left:
-        raise MergeError(f"{base_dir} still holds {len(left)} shards (e.g. {left[0]}); it was not consumed")
-    shutil.rmtree(base_dir)
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI (loraforge merge)
 
@@ -1217,7 +1194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="DIR", help="base model folder (Hugging Face layout)")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
-    parser.add_argument("--mode", choices=MODES, default="link",
+    parser.add_argument("--mode", choices=MERGE_MODES, default="link",
                         help="untouched shards: hard-link (default), consume (move; base shards are removed), or copy")
     parser.add_argument("--report", metavar="FILE.json", help="also write the merge report here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -13,17 +13,14 @@ import os
 import time
 from pathlib import Path
 
-MERGE_MODE_SETTINGS = ("auto", "link", "consume", "copy")
+from loraforge.constants import MERGE_MODES
+from loraforge.fileio import write_json_atomic
+
 DECISION_PATH = Path("logs") / "merge_mode.json"
 
 
 def write_decision(mode: str, reason: str, path: str | os.PathLike = DECISION_PATH) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"mode": mode, "reason": reason, "decided": time.time(), "pid": os.getpid()}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, {"mode": mode, "reason": reason, "decided": time.time(), "pid": os.getpid()})
 
 
 def decided_mode(path: str | os.PathLike = DECISION_PATH) -> str | None:
@@ -31,7 +28,7 @@ def decided_mode(path: str | os.PathLike = DECISION_PATH) -> str | None:
         mode = json.loads(Path(path).read_text()).get("mode")
     except (OSError, ValueError, AttributeError):
         return None
-    return mode if mode in ("link", "consume", "copy") else None
+    return mode if mode in MERGE_MODES else None
 
 
 def effective_mode(setting: str, base_is_users: bool, path: str | os.PathLike = DECISION_PATH) -> str:

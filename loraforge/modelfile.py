@@ -32,41 +32,10 @@ import sys
 from pathlib import Path
 from loraforge.errors import UserError
 
-# --------------------------------------------------------------------------------------
-# the ChatML template (Ollama Go template syntax)
-# --------------------------------------------------------------------------------------
+from loraforge.constants import CHATML_GO_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+from loraforge.fileio import write_text_atomic
 
-# As Ollama's qwen templates: with .Messages (chat API; Ollama passes all system messages
-# joined as .System and keeps them in .Messages, so system messages are skipped in the loop),
-# else the legacy .System/.Prompt/.Response form (generate API and old clients). The text
-# matches the HF chat template of the tiny models and Qwen's: "<|im_start|>role\ncontent
-# <|im_end|>\n" per turn and "<|im_start|>assistant\n" to prompt the reply.
-CHATML_TEMPLATE = (
-    "{{- if .Messages }}\n"
-    "{{- if .System }}<|im_start|>system\n"
-    "{{ .System }}<|im_end|>\n"
-    "{{ end }}\n"
-    "{{- range $i, $_ := .Messages }}\n"
-    "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
-    "{{- if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n"
-    "{{ .Content }}\n"
-    "{{- if not (and $last (eq .Role \"assistant\")) }}<|im_end|>\n"
-    "{{ end }}\n"
-    "{{- end }}\n"
-    "{{- if and $last (ne .Role \"assistant\") }}<|im_start|>assistant\n"
-    "{{ end }}\n"
-    "{{- end }}\n"
-    "{{- else }}\n"
-    "{{- if .System }}<|im_start|>system\n"
-    "{{ .System }}<|im_end|>\n"
-    "{{ end }}\n"
-    "{{- if .Prompt }}<|im_start|>user\n"
-    "{{ .Prompt }}<|im_end|>\n"
-    "{{ end }}<|im_start|>assistant\n"
-    "{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>\n"
-    "{{ end }}"
-)
-DEFAULT_STOP = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+DEFAULT_STOP = (IM_START, IM_END, ENDOFTEXT)
 
 # --------------------------------------------------------------------------------------
 # Ollama's parser, ported
@@ -447,7 +416,7 @@ def _param_value(v: str) -> str:
 
 
 def render_modelfile(gguf_path_relative: str, system: str | None, temperature: float, top_p: float,
-                     num_ctx: int, stop=DEFAULT_STOP, template: str | None = CHATML_TEMPLATE, *,
+                     num_ctx: int, stop=DEFAULT_STOP, template: str | None = CHATML_GO_TEMPLATE, *,
                      extra_parameters: dict | None = None, header: str | None = None) -> str:
     """A Modelfile: FROM (the GGUF, relative to the Modelfile: ./Q5_K_M.gguf), TEMPLATE
     (ChatML), SYSTEM (triple-quoted), PARAMETER temperature/top_p/num_ctx and one PARAMETER
@@ -565,7 +534,7 @@ def modelfile_for_model(gguf_path: str | os.PathLike, modelfile_path: str | os.P
                         top_p: float, num_ctx: int, template: str | None = None, header: str | None = None) -> str:
     """Render the Modelfile at modelfile_path for gguf_path (FROM relative to the Modelfile),
     stop tokens and the template kind from the HF folder base_dir: a ChatML chat template
-    (or none at all: Qwen's ChatML is assumed, with a warning on stderr) gets CHATML_TEMPLATE;
+    (or none at all: Qwen's ChatML is assumed, with a warning on stderr) gets CHATML_GO_TEMPLATE;
     any other chat template needs an explicit Ollama `template`."""
     if template is None:
         if chat_template_of(base_dir) is None:
@@ -573,9 +542,9 @@ def modelfile_for_model(gguf_path: str | os.PathLike, modelfile_path: str | os.P
         elif not is_chatml(base_dir):
             raise ValueError(f"{base_dir}: the chat template is not ChatML (<|im_start|>/<|im_end|>); "
                              "pass an Ollama template explicitly")
-        template = CHATML_TEMPLATE
+        template = CHATML_GO_TEMPLATE
     stops = stop_tokens(base_dir)
-    if template == CHATML_TEMPLATE:  # the markers the template writes always stop a reply
+    if template == CHATML_GO_TEMPLATE:  # the markers the template writes always stop a reply
         stops = list(dict.fromkeys([*DEFAULT_STOP, *stops]))
     rel = os.path.relpath(Path(gguf_path).resolve(), Path(modelfile_path).resolve().parent)
     return render_modelfile(rel, system, temperature, top_p, num_ctx, stop=stops,
@@ -589,9 +558,23 @@ def write_modelfile(path: str | os.PathLike, text: str) -> Path:
     errors = validate_modelfile(text, base_dir=out.parent)
     if errors:
         raise ValueError(f"refusing to write an invalid Modelfile {out}: " + "; ".join(errors))
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    return write_text_atomic(out, text)
+
+
+def write_model_modelfile(path: str | os.PathLike, gguf_path: str | os.PathLike, base_dir: str | os.PathLike, *,
+                          name: str | None, system: str | None, temperature: float, top_p: float,
+                          num_ctx: int) -> Path:
+    """The write_modelfile rule: render the model's Modelfile (`modelfile_for_model`, with a
+    header saying how to register it as `name`, default the folder's name), validate and write
+    it (`write_modelfile`)."""
+    out = Path(path)
+    name = name or out.parent.name
+    text = modelfile_for_model(
+        gguf_path, out, base_dir, system=system, temperature=temperature, top_p=top_p, num_ctx=num_ctx,
+        header=f"{name}, generated by lora-forge. Register it with:\n  ollama create {name} -f {out}",
+    )
+    write_modelfile(out, text)
+    print(f"wrote {out} (validated with Ollama's parser rules)\n{text}")
     return out
 
 

@@ -29,18 +29,14 @@ from typing import Any
 import torch
 from loraforge.errors import UserError
 
+from loraforge.constants import SAFETENSORS_DTYPE_BYTES
+
 HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 METADATA_KEY = "__metadata__"
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 WRITEBACK_BYTES = 32 * 1024 * 1024  # start writing dirty pages to disk every this many bytes
 
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
 
 # The floating dtypes a LoRA delta can be added to; everything else is only ever copied as bytes.
 TORCH_FLOAT_DTYPES = {
@@ -134,9 +130,9 @@ def read_header(path: str) -> ShardHeader:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise SafetensorsFormatError(f"{path}: malformed entry for tensor {name!r}") from None
-        if dtype not in DTYPE_SIZES:
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
         if end - begin != nbytes or begin < 0 or data_start + end > file_size:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} has offsets {begin, end} that do not fit")
         entries.append(TensorInfo(name, dtype, shape, data_start + begin, nbytes))
@@ -180,7 +176,7 @@ class MappedTensors:
                 if info.nbytes == 0:
                     self.tensors[name] = torch.empty(info.shape, dtype=dtype)
                     continue
-                count = info.nbytes // DTYPE_SIZES[info.dtype]
+                count = info.nbytes // SAFETENSORS_DTYPE_BYTES[info.dtype]
                 tensor = torch.frombuffer(self._mapping, dtype=dtype, count=count, offset=info.offset)
                 self.tensors[name] = tensor.reshape(info.shape)
                 self._base = tensor.data_ptr() - info.offset
@@ -207,7 +203,7 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
         header[METADATA_KEY] = metadata
     offset = 0
     for name, dtype, shape in tensors:
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -235,7 +231,7 @@ class ShardWriter:
         self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (order, absolute offset, nbytes)
         offset = len(header)
         for order, (name, dtype, shape) in enumerate(tensors):
-            nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+            nbytes = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
             self._layout[name] = (order, offset, nbytes)
             offset += nbytes
         self.size = offset

@@ -37,46 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from loraforge.constants import (CONVERTER_FTYPES, FTYPE_ALIASES, FTYPE_DEFAULT, dtype_bytes, ggml_block,
+                                 gguf_tensor_name_map)
+
 # --------------------------------------------------------------------------------------
 # dtypes and GGML types
 # --------------------------------------------------------------------------------------
 
-DTYPE_BYTES = {
-    "float32": 4, "fp32": 4, "f32": 4,
-    "float16": 2, "fp16": 2, "f16": 2, "half": 2,
-    "bfloat16": 2, "bf16": 2,
-    "float64": 8,
-    "int8": 1, "uint8": 1, "float8_e4m3fn": 1,
-}
-
-# GGML type -> (elements per block, bytes per block); same values as gguf-py's GGML_QUANT_SIZES
-GGML_TYPES: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
-    "Q6_K": (256, 210), "Q8_K": (256, 292),
-    "IQ1_S": (256, 50), "IQ1_M": (256, 56), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74),
-    "IQ2_S": (256, 82), "IQ3_XXS": (256, 98), "IQ3_S": (256, 110), "IQ4_NL": (32, 18),
-    "IQ4_XS": (256, 136), "TQ1_0": (256, 54), "TQ2_0": (256, 66), "MXFP4": (32, 17),
-}
-
-# llama.cpp file types (what `llama-quantize` and `convert_hf_to_gguf --outtype` take) ->
-# their default tensor type (llama_model_quantize_impl's switch)
-FTYPE_DEFAULT: dict[str, str] = {
-    "F32": "F32", "F16": "F16", "BF16": "BF16",
-    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0",
-    "Q2_K": "Q2_K", "Q2_K_S": "Q2_K",
-    "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
-    "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
-    # i-quants and ternary types: sized with their default type; the per-tensor mixture of
-    # these (which also needs an importance matrix) is not modelled -> approximate
-    "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS",
-    "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ3_XS": "IQ3_S",
-    "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
-    "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0", "MXFP4_MOE": "MXFP4",
-}
-# the types `convert_hf_to_gguf.py --outtype` writes directly (the intermediate)
-CONVERTER_FTYPES = ("F32", "F16", "BF16", "Q8_0")
+# dtypes, file types and GGML block sizes: loraforge.constants (the block sizes from gguf-py)
 _K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
                "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
                "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL",
@@ -87,10 +55,12 @@ DEFAULT_SHARD_BYTES = 4_000_000_000  # hub checkpoints (Qwen, Llama) shard at ~4
 
 
 def ftype_name(ftype: str) -> str:
-    """Canonical llama.cpp file-type name ('q4_k_m' -> 'Q4_K_M'); ValueError if unknown."""
+    """Canonical llama.cpp file-type name ('q4_k_m' -> 'Q4_K_M', 'Q4_K' -> 'Q4_K_M');
+    ValueError if unknown."""
     name = str(ftype).strip().upper().replace("-", "_")
     if name.startswith("MOSTLY_"):
         name = name[len("MOSTLY_"):]
+    name = FTYPE_ALIASES.get(name, name)
     if name not in FTYPE_DEFAULT:
         raise ValueError(f"unknown llama.cpp type {ftype!r}; known: {', '.join(FTYPE_DEFAULT)}")
     return name
@@ -98,16 +68,9 @@ def ftype_name(ftype: str) -> str:
 
 def ggml_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
     """Bytes of one tensor of `shape` (numpy order: the last dimension is the row) in a type."""
-    block, nbytes = GGML_TYPES[ggml_type]
+    block, nbytes = ggml_block(ggml_type)
     n = math.prod(shape)
     return n // block * nbytes if block > 1 else n * nbytes
-
-
-def dtype_bytes(dtype: str) -> int:
-    d = str(dtype).replace("torch.", "").lower()
-    if d not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[d]
 
 
 # --------------------------------------------------------------------------------------
@@ -205,15 +168,6 @@ def arch_from_config(cfg: Mapping | Arch) -> Arch:
         decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
         rope_freqs=model_type == "llama" and rope_type == "llama3",
     )
-
-
-def load_hf_config(model_dir: str | os.PathLike) -> dict | None:
-    """The config.json of a local model folder, or None when there is none."""
-    p = Path(model_dir) / "config.json"
-    try:
-        return json.loads(p.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -413,36 +367,17 @@ def _safetensors_names(path: Path) -> list[str] | None:
 # GGUF: names, per-tensor types, file size
 # --------------------------------------------------------------------------------------
 
-_HF_TO_GGUF = [
-    (re.compile(r"^model\.embed_tokens\.(weight)$"), "token_embd.{0}"),
-    (re.compile(r"^model\.norm\.(weight)$"), "output_norm.{0}"),
-    (re.compile(r"^lm_head\.(weight)$"), "output.{0}"),
-    (re.compile(r"^model\.layers\.(\d+)\.input_layernorm\.(weight)$"), "blk.{0}.attn_norm.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.post_attention_layernorm\.(weight)$"), "blk.{0}.ffn_norm.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$"), "blk.{0}.attn_q.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)$"), "blk.{0}.attn_k.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)$"), "blk.{0}.attn_v.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)$"), "blk.{0}.attn_output.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.q_norm\.(weight)$"), "blk.{0}.attn_q_norm.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.k_norm\.(weight)$"), "blk.{0}.attn_k_norm.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight)$"), "blk.{0}.ffn_gate_inp.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.\d+\.gate_proj\.(weight)$"), "blk.{0}.ffn_gate_exps.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.\d+\.up_proj\.(weight)$"), "blk.{0}.ffn_up_exps.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.\d+\.down_proj\.(weight)$"), "blk.{0}.ffn_down_exps.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)$"), "blk.{0}.ffn_gate.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)$"), "blk.{0}.ffn_up.{1}"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)$"), "blk.{0}.ffn_down.{1}"),
-]
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """The GGUF tensor name llama.cpp's converter gives a HF tensor (per-expert tensors map to
-    the merged 3-D `blk.N.ffn_*_exps.weight`); None for names it does not know."""
-    for pattern, fmt in _HF_TO_GGUF:
-        m = pattern.match(hf_name)
-        if m:
-            return fmt.format(*m.groups())
-    return None
+def gguf_name(hf_name: str, hf_config: Mapping | Arch) -> str | None:
+    """The GGUF tensor name llama.cpp's converter gives a HF tensor, from gguf-py's
+    TensorNameMap (per-expert tensors map to the stacked 3-D `blk.N.ffn_*_exps.weight`);
+    None for names it does not know."""
+    a = arch_from_config(hf_config)
+    stem, _, suffix = hf_name.rpartition(".")
+    name = gguf_tensor_name_map(a.model_type, a.num_hidden_layers).get_name(_EXPERT_INDEX.sub(".experts.", stem))
+    return f"{name}.{suffix}" if name else None
 
 
 @dataclass(frozen=True)
@@ -465,7 +400,7 @@ def gguf_tensors(hf_config: Mapping | Arch) -> list[GGUFTensor]:
 def _gguf_tensors(a: Arch) -> tuple[GGUFTensor, ...]:
     out: dict[str, list] = {}
     for hf, shape in tensor_shapes(a).items():
-        g = gguf_name(hf)
+        g = gguf_name(hf, a)
         if g is None:
             raise ValueError(f"no GGUF name for tensor {hf}")
         if g in out:  # an expert of a stacked tensor
@@ -494,7 +429,7 @@ def _converter_type(t: GGUFTensor, outtype: str) -> str:
         or ".ffn_gate_inp." in t.name
     ):
         return "F32"
-    if outtype == "Q8_0" and t.row % GGML_TYPES["Q8_0"][0] != 0:
+    if outtype == "Q8_0" and t.row % ggml_block("Q8_0")[0] != 0:
         return "F16"
     return outtype
 
@@ -571,7 +506,7 @@ def _gguf_tensor_types(a: Arch, ftype: str) -> tuple[tuple[str, str], ...]:
         if quantized:
             # --- llama_tensor_get_type_impl (non-imatrix, non-FALCON paths) ---
             if cat == "output" or (not has_output and cat == "token_embd"):
-                if t.row % GGML_TYPES[new][0] != 0:
+                if t.row % ggml_block(new)[0] != 0:
                     new = "Q8_0"
                 elif ftype in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
                     new = "Q5_K"
@@ -633,9 +568,9 @@ def _gguf_tensor_types(a: Arch, ftype: str) -> tuple[tuple[str, str], ...]:
                 else:
                     new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new)
             # --- tensor_type_fallback: the row width must be a multiple of the block ---
-            if t.row % GGML_TYPES[new][0] != 0:
+            if t.row % ggml_block(new)[0] != 0:
                 new = _K_FALLBACK.get(new, "F16")
-                if t.row % GGML_TYPES[new][0] != 0:
+                if t.row % ggml_block(new)[0] != 0:
                     new = "F16"
         types[t.name] = new
     return tuple(types.items())
@@ -660,20 +595,6 @@ def gguf_metadata_bytes(hf_config: Mapping | Arch, names: Iterable[str] = ()) ->
     n += tokenizer_metadata_bytes(a.vocab_size)
     n += sum(8 + len(name) + 4 + 8 * 3 + 4 + 8 for name in names)
     return n + (-n) % GGUF_ALIGNMENT
-
-
-def gguf_breakdown(hf_config: Mapping | Arch, ftype: str) -> dict[str, dict[str, int]]:
-    """{ggml type: {"tensors": n, "elements": n, "bytes": n}} of a GGUF of file type `ftype`."""
-    a = arch_from_config(hf_config)
-    types = gguf_tensor_types(a, ftype)
-    out: dict[str, dict[str, int]] = {}
-    for t in gguf_tensors(a):
-        ty = types[t.name]
-        row = out.setdefault(ty, {"tensors": 0, "elements": 0, "bytes": 0})
-        row["tensors"] += 1
-        row["elements"] += math.prod(t.shape)
-        row["bytes"] += ggml_nbytes(ty, t.shape)
-    return out
 
 
 def gguf_bytes(hf_config: Mapping | Arch, ftype: str) -> int:

@@ -29,7 +29,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-INDEX_NAME = "model.safetensors.index.json"
+from loraforge.constants import INDEX_NAME
+
 # files of a tokenizer folder (loraforge.base.train_tokenizer) carried into a model folder
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

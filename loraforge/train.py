@@ -134,8 +134,8 @@ def train(
     from trl import SFTConfig
 
     from loraforge import training_record
-    from loraforge.base import load_tokenizer
     from loraforge.lora_targets import check_target_modules
+    from loraforge.tokenizer import load_tokenizer
 
     if train_params.get("backend", "trl") != "trl":
         raise ValueError(f"train.backend: {train_params['backend']!r} is not available; use 'trl'")

@@ -24,8 +24,10 @@ import logging
 import os
 import time
 from pathlib import Path
+
 from loraforge import merge_mode, snakemake_bridge
 from loraforge.errors import UserError
+from loraforge.fileio import write_json_atomic
 
 log = logging.getLogger("loraforge")
 
@@ -212,9 +214,7 @@ def write_release_manifests(workflow, config) -> list[Path]:
                 "pid": os.getpid(),
                 "started": started,
             }
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(info, indent=2))
-            os.replace(tmp, path)
+            write_json_atomic(path, info)
             written.append(path)
             # a half-released copy left by a killed run: garbage (the intermediate is rebuilt)
             from loraforge.gguf import releasing_path

@@ -1,17 +1,22 @@
-import json
+"""Snakemake rule script for build_tiny_base: a tiny Qwen3 / Qwen3-MoE base, built and briefly
+pre-trained locally (loraforge.base.build_tiny_base).
+
+    input:  corpus (text files)
+    params: arch, vocab_size, pretrain_steps, seed
+    output: base (folder), complete (touch flag, by Snakemake), report (JSON metrics)
+    log:    one file
+"""
 
 from loraforge.base import build_tiny_base
 from loraforge.rulelog import rule_logging
 
-with rule_logging(snakemake):
-    metrics = build_tiny_base(
-        snakemake.output.base,
-        snakemake.params.arch,
-        list(snakemake.input.corpus),
-        vocab_size=snakemake.params.vocab_size,
-        pretrain_steps=snakemake.params.pretrain_steps,
-        seed=snakemake.params.seed,
+with rule_logging(snakemake):  # noqa: F821 - injected by Snakemake's script: directive
+    build_tiny_base(
+        snakemake.output.base,  # noqa: F821
+        snakemake.params.arch,  # noqa: F821
+        list(snakemake.input.corpus),  # noqa: F821
+        vocab_size=snakemake.params.vocab_size,  # noqa: F821
+        pretrain_steps=snakemake.params.pretrain_steps,  # noqa: F821
+        seed=snakemake.params.seed,  # noqa: F821
+        report=snakemake.output.report,  # noqa: F821
     )
-    print(json.dumps(metrics, indent=2))
-    with open(snakemake.output.report, "w") as f:
-        json.dump(metrics, f, indent=2)

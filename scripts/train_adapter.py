@@ -1,12 +1,15 @@
-"""Snakemake `script:` for train_adapter: LoRA/QLoRA SFT of one model.
+"""Snakemake rule script for train_adapter: LoRA/QLoRA SFT with TRL + PEFT
+(loraforge.train.train); the adapter folder is written atomically, with the settings it was
+trained with recorded inside (loraforge.training_record, for the adapter guard).
 
-input.train, input.validation: chat JSONL; params.base_dir: the base model folder;
-params.lora, params.train: the model's settings; output.adapter: the adapter folder (written
-as .partial, renamed at the end, with the settings it was trained with recorded inside);
-output.metrics: metrics.json, next to loss.csv and loss.png; log[0]: the training log.
+    input:  base (ancient), train, validation (JSONL)
+    params: base_dir, lora, train (the model's settings)
+    output: adapter (folder), metrics (JSON), loss_csv, loss_png (all three in one folder)
+    log:    one file
 """
 
 import json
+import os
 
 from loraforge import training_record
 from loraforge.rulelog import rule_logging
@@ -18,7 +21,7 @@ with rule_logging(snakemake):
         snakemake.input.train,
         snakemake.input.validation,
         adapter_dir=snakemake.output.adapter,
-        out_dir=str(snakemake.output.metrics).rsplit("/", 1)[0],
+        out_dir=os.path.dirname(snakemake.output.metrics),
         lora=dict(snakemake.params.lora),
         train_params=dict(snakemake.params.train),
         # read from the config, not params: the record is for the adapter guard, not staleness

@@ -368,30 +368,6 @@ def test_prepare_uses_count_tokens(tmp_path):
     assert total.tokens_before == sum(len(m["content"]) for s in shipped for m in s["messages"])
 
 
-def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
-    target = tmp_path / "out.jsonl"
-    target.write_text("old\n")
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(data.os, "replace", boom)
-    with pytest.raises(OSError):
-        data._atomic_write(target, "new\n")
-    assert target.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
-
-
-def test_format_summary_markdown():
-    df = data.summarize([rec("a", "x"), rec("b", "y")], [rec("a", "x")])
-    text = data.format_summary_markdown(df)
-    lines = text.strip().splitlines()
-    assert lines[0].startswith("| source | samples before")
-    assert len(lines) == 2 + len(df)
-    assert lines[-1].startswith("| **TOTAL** | 2 |")
-    assert "| x | 1 |" in text and "50.0%" in text and "100.0%" in text
-
-
 # ----------------------------------------------------------------------------- shipped data
 
 
@@ -443,5 +419,13 @@ def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path):
     assert summary.loc["TOTAL", "tokens_before"] > 2 * words  # sub-word tokens, not words
     log_text = Path(smk.log[0]).read_text()
     assert "tokenizer: LlamaTokenizer" in log_text
+    # the same loader serves training (loraforge.train): the round-tripping tokenizer
+    from loraforge.tokenizer import PROBE, load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    assert type(tokenizer).__name__ == "LlamaTokenizer"
+    assert tokenizer.decode(tokenizer.encode(PROBE, add_special_tokens=False)) == PROBE
+    with pytest.raises(RuntimeError, match=f"could not load a tokenizer from {tmp_path / 'out'}"):
+        load_tokenizer(tmp_path / "out")
     assert summary.loc["TOTAL", "samples_after"] == sum(
         1 for name in ("train.jsonl", "validation.jsonl") for _ in (out / name).open())

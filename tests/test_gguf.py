@@ -339,6 +339,28 @@ def test_quantize_types_and_requantize(exports, tmp_path):
     assert not (tmp_path / "IQ2_XS.gguf").exists() and not (tmp_path / "IQ2_XS.gguf.partial").exists()
 
 
+def test_needs_imatrix_is_what_libllama_refuses(exports, tmp_path):
+    """NEEDS_IMATRIX (which config validation rejects up front) is exactly the set of file
+    types libllama refuses without an importance matrix: every type lora-forge knows,
+    quantized from the tiny 16-bit GGUF (all widths multiples of 256, so no fallback hides an
+    i-quant)."""
+    from loraforge.constants import CONVERTER_FTYPES, FTYPE_DEFAULT, NEEDS_IMATRIX
+
+    src = exports["qwen3"]["paths"]["BF16"]
+    refused, failed = set(), {}
+    for name in sorted(set(FTYPE_DEFAULT) - set(CONVERTER_FTYPES)):
+        try:
+            quantize(src, tmp_path / f"{name}.gguf", name, THREADS)
+        except RuntimeError as e:
+            if "requires an importance matrix" in str(e):
+                refused.add(name)
+            else:
+                failed[name] = str(e)[-300:]
+        (tmp_path / f"{name}.gguf").unlink(missing_ok=True)
+    assert not failed, failed
+    assert refused == NEEDS_IMATRIX, (sorted(refused - NEEDS_IMATRIX), sorted(NEEDS_IMATRIX - refused))
+
+
 def test_convert_failure_leaves_no_output(tmp_path, tiny_bases):
     broken = tmp_path / "broken"
     broken.mkdir()

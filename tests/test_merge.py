@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from loraforge import merge as merge_module
 from loraforge.cli import main as cli_main
-from loraforge.merge import JOURNAL_NAME, MARKER_NAME, Journal, MergeError, merge, remove_consumed_base
+from loraforge.merge import JOURNAL_NAME, MARKER_NAME, Journal, MergeError, merge
 from merge_helpers import (
     SIDE_FILES,
     build_adapter,
@@ -301,11 +301,6 @@ def test_consume_mode_moves_and_removes_base_shards(models, tmp_path):
     for name in [*SIDE_FILES, "config.json", "model.safetensors.index.json"]:
         assert os.path.exists(os.path.join(snapshot, name)) and os.path.exists(os.path.join(out, name))
     assert_matches_peft(models["dense"], models["dense_adapter"], out)
-
-    with pytest.raises(MergeError, match="not consumed"):
-        remove_consumed_base(models["dense"])
-    remove_consumed_base(snapshot)  # what a workflow does with a disposable download
-    assert not os.path.exists(snapshot) and os.path.exists(os.path.join(out, "config.json"))
 
 
 def test_consume_falls_back_to_copy_on_exdev(models, tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
+from loraforge.constants import CHATML_GO_TEMPLATE
 from loraforge.modelfile import (
-    CHATML_TEMPLATE,
     DEFAULT_STOP,
     ModelfileError,
     check_modelfile,
@@ -212,7 +212,7 @@ def test_files_must_exist_with_base_dir(tmp_path):
 
 
 def test_template_structure():
-    assert template_errors(CHATML_TEMPLATE) == []
+    assert template_errors(CHATML_GO_TEMPLATE) == []
     assert template_errors("{{ if .System }}x") == ["TEMPLATE has unclosed if block(s) (missing {{ end }})"]
     assert template_errors("x {{ end }}") == ["TEMPLATE has an unexpected {{ end }}"]
     assert "unbalanced" in template_errors("{{ .Prompt }")[0]
@@ -221,7 +221,7 @@ def test_template_structure():
 
 
 def test_chatml_without_stop_warns():
-    text = f'FROM foo\nTEMPLATE """{CHATML_TEMPLATE}"""\n'
+    text = f'FROM foo\nTEMPLATE """{CHATML_GO_TEMPLATE}"""\n'
     errors, warnings = check_modelfile(text)
     assert errors == [] and any("<|im_end|>" in w for w in warnings)
 
@@ -239,7 +239,7 @@ def test_render_modelfile():
         by.setdefault(c.instruction, []).append(c)
     assert by["SYSTEM"][0].value == SYSTEM
     assert f'SYSTEM """{SYSTEM}"""' in text
-    assert by["TEMPLATE"][0].value == CHATML_TEMPLATE
+    assert by["TEMPLATE"][0].value == CHATML_GO_TEMPLATE
     params = [(c.key, c.value) for c in by["PARAMETER"]]
     assert params == [("temperature", "0.4"), ("top_p", "0.8"), ("num_ctx", "32768"), ("stop", "<|im_start|>"),
                       ("stop", "<|im_end|>"), ("stop", "<|endoftext|>")]
@@ -306,7 +306,7 @@ def test_non_chatml_model_needs_explicit_template(tmp_path, capsys):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     text = modelfile_for_model(tmp_path / "a.gguf", tmp_path / "Modelfile", tmp_path, system=None,
                                temperature=0.4, top_p=0.8, num_ctx=4096)
-    assert CHATML_TEMPLATE in text and "assuming ChatML" in capsys.readouterr().err
+    assert CHATML_GO_TEMPLATE in text and "assuming ChatML" in capsys.readouterr().err
     assert [c.value for c in parse_modelfile(text) if c.key == "stop"] == list(DEFAULT_STOP)
 
 
@@ -409,7 +409,7 @@ def test_chatml_template_renders_like_the_hf_chat_template(tmp_path, tiny_bases)
         {"System": "", "Prompt": msgs[3][1], "Response": ""},  # legacy: last turn
     ]
     (tmp_path / "main.go").write_text(GO_PROGRAM)
-    (tmp_path / "t.tmpl").write_text(CHATML_TEMPLATE)
+    (tmp_path / "t.tmpl").write_text(CHATML_GO_TEMPLATE)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"), GO111MODULE="off",
                GOFLAGS="", GOTOOLCHAIN="local")

@@ -29,10 +29,10 @@ Sources of the plan: `Step`s built by hand (tests), `steps_from_dag()` on Snakem
 with Snakemake's API in dry-run mode (the `loraforge plan` command).
 """
 
+from loraforge.constants import MERGE_MODES
 from loraforge.plan.fit import alternatives, check, check_plan
 from loraforge.plan.model import (
     DEFAULT_ROLES,
-    MERGE_MODES,
     RESULTS_DIR,
     Alternative,
     Event,

@@ -16,7 +16,6 @@ from loraforge.sizes import Shard, human
 if TYPE_CHECKING:
     from loraforge.plan.simulate import Planner
 
-MERGE_MODES = ("link", "consume", "copy")
 # rule name -> role; the roles get an in-job model, every other rule just writes its outputs
 DEFAULT_ROLES = {"merge_adapter": "merge", "convert_gguf": "convert", "quantize_gguf": "quantize"}
 RESULTS_DIR = "results"
@@ -133,7 +132,7 @@ class ModelLayout:
         readers: dict[str, set[int]] = defaultdict(set)
         for k, sh in enumerate(self.shards):
             for hf in sorted(sh.tensors):
-                g = S.gguf_name(hf)
+                g = S.gguf_name(hf, self.arch)
                 if g is None or g not in by_name:
                     continue
                 readers[g].add(k)

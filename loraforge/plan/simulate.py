@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from loraforge import sizes as S
-from loraforge.plan.model import (DEFAULT_ROLES, MERGE_MODES, RESULTS_DIR, Event, ModelLayout, Plan, PlanError,
+from loraforge.constants import MERGE_MODES
+from loraforge.plan.model import (DEFAULT_ROLES, RESULTS_DIR, Event, ModelLayout, Plan, PlanError,
                                   Step, _norm, _within)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 from loraforge import sizes as S
+from loraforge.fileio import read_hf_config
 from loraforge.plan.model import DEFAULT_ROLES, RESULTS_DIR, ModelLayout, Plan, Step, _norm
 from loraforge.plan.simulate import Planner
 from loraforge.sizes import human, parse_size
@@ -34,7 +35,7 @@ def base_dir_of(config: Mapping, key: str, results_dir: str = RESULTS_DIR) -> st
 def hf_config_of(config: Mapping, key: str, base_dir: str) -> dict | None:
     """The model's HF config: base/config.json when it exists, else `arch:`, else the tiny
     architecture a `build:` base will get."""
-    local = S.load_hf_config(base_dir)
+    local = read_hf_config(base_dir)
     if local:
         return local
     m = _model_cfg(config, key)
