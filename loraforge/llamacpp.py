@@ -116,14 +116,6 @@ def _say(msg: str) -> None:
     print(f"{_LOG_PREFIX} {msg}", file=sys.stderr, flush=True)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def _mapped_paths() -> set[str]:
     """Paths of files this process has memory-mapped (Linux /proc/self/maps)."""
     out = set()
@@ -292,8 +284,10 @@ class _ShardReleaser:
             note = " (a link: the name only, no space freed)" if shared else ""
             if still_mapped:
                 note += " (still memory-mapped: its space is freed when the converter exits)"
-            _say(f"released {os.path.basename(f)} ({_human(self.shard_bytes.get(f, 0))}) {where}; "
-                 f"GGUF data written {_human(self.bytes_written)}, shards left {_human(remaining)}{note}")
+            from loraforge.sizes.units import human  # pure Python: imports no gguf
+
+            _say(f"released {os.path.basename(f)} ({human(self.shard_bytes.get(f, 0))}) {where}; "
+                 f"GGUF data written {human(self.bytes_written)}, shards left {human(remaining)}{note}")
             self._event({"event": "release", "shard": os.path.basename(f), "after_tensor": after,
                          "tensor": name, "bytes": self.shard_bytes.get(f, 0),
                          "gguf_bytes_written": self.bytes_written, "shard_bytes_left": remaining,
