@@ -16,5 +16,5 @@ with rule_logging(snakemake):  # noqa: F821 - injected by Snakemake's script: di
         snakemake.input.gguf,  # noqa: F821
         expect_ftype=snakemake.params.quant,  # noqa: F821
         threads=snakemake.threads,  # noqa: F821
-        report=snakemake.output.report,  # noqa: F821
+        report_path=snakemake.output.report,  # noqa: F821
     )
