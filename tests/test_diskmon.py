@@ -184,19 +184,23 @@ def test_sampler_thread_samples_while_a_file_exists(tmp_path):
     root = tmp_path / "results"
     _write(root / "kept.bin", 1_000)
     sampler = DiskSampler([root], tmp_path / "disk.tsv")  # the workflow's settings
-    walks = threading.Semaphore(0)
+    walks = threading.Condition()
+    done = [0]
     real_sample = sampler.sample
 
     def counted_sample(*args, **kwargs):
         row = real_sample(*args, **kwargs)
-        walks.release()
+        with walks:
+            done[0] += 1
+            walks.notify_all()
         return row
 
     sampler.sample = counted_sample
     with sampler:
         blip = _write(root / "blip.bin", 300_000)
-        for _ in range(2):  # the first walk may have listed the folder before the write
-            assert walks.acquire(timeout=60), "the sampler thread stopped sampling"
+        with walks:  # two more walks: the first may have listed the folder before the write
+            target = done[0] + 2
+            assert walks.wait_for(lambda: done[0] >= target, timeout=60), "the sampler thread stopped sampling"
         blip.unlink()
     assert sampler.peak == 301_000
     assert sampler.samples[-1][1] == 1_000  # stop() takes a last sample
