@@ -586,6 +586,7 @@ def toy_workflow(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_steps_from_a_snakemake_dag(toy_workflow):
     from loraforge.plan import build_dag
 

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO, clone_pipeline, run_snakemake, small_config, write_config
 
+pytestmark = pytest.mark.slow  # real Snakemake runs on a copy of the `pipeline` fixture
+
 BOTH = ("tiny", "tiny-moe")
 EXPORT_CHAIN = {"merge_adapter", "convert_gguf"}
 

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # reads the `pipeline` fixture: one full Snakemake run
+
 MODELS = ["tiny", "tiny-moe"]
 
 
