@@ -36,7 +36,7 @@ class DiskSampler:
     WALK_SHARE = 10
 
     def __init__(self, paths: Iterable[str | os.PathLike], tsv_path: str | os.PathLike | None = None,
-                 interval: float = 0.05, min_interval: float = 0.005):
+                 interval: float = 0.05, min_interval: float = 0.005, clock=time.monotonic):
         self.paths = [str(p) for p in paths]
         if not self.paths:
             raise ValueError("DiskSampler needs at least one path")
@@ -49,12 +49,13 @@ class DiskSampler:
         self._t0 = 0.0
         self._bucket = None  # start time of the interval the last kept sample stands for
         self._lock = threading.Lock()
+        self._clock = clock  # time.monotonic; tests pass a fake one
 
     def sample(self, keep_highest: bool = False) -> tuple[float, int, list[int]]:
         """Take one sample now (also usable without the thread). keep_highest: within one
         `interval` of the last kept sample, keep only the higher of the two."""
         total, per = measure(self.paths)
-        row = (time.monotonic() - self._t0, total, [per.get(p, 0) for p in self.paths])
+        row = (self._clock() - self._t0, total, [per.get(p, 0) for p in self.paths])
         with self._lock:
             if keep_highest and self.samples and self._bucket is not None and row[0] - self._bucket < self.interval:
                 if total > self.samples[-1][1]:
@@ -66,18 +67,18 @@ class DiskSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            started = time.monotonic()
+            started = self._clock()
             try:
                 self.sample(keep_highest=True)
             except OSError:  # a tree changing under the walk: try again next tick
                 pass
-            walk = time.monotonic() - started
+            walk = self._clock() - started
             self._stop.wait(min(self.interval, max(self.min_interval, self.WALK_SHARE * walk)))
 
     def start(self) -> "DiskSampler":
         if self._thread is not None:
             raise RuntimeError("DiskSampler already started")
-        self._t0 = time.monotonic()
+        self._t0 = self._clock()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="loraforge-diskmon", daemon=True)
         self._thread.start()

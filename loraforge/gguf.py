@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from loraforge import llamacpp
+from loraforge.constants import CONVERTER_FTYPES, ENDOFTEXT, FTYPE_ALIASES, IM_END, IM_START, NEEDS_IMATRIX
 from loraforge.errors import DiskFullError, UserError, disk_full_message, looks_like_disk_full, nearly_full
 from loraforge.fileio import partial_path, write_json_atomic
-from loraforge.constants import CONVERTER_FTYPES, ENDOFTEXT, FTYPE_ALIASES, IM_END, IM_START, NEEDS_IMATRIX
 
 # the outtypes convert_hf_to_gguf.py writes directly
 CONVERTER_OUTTYPES = tuple(t.lower() for t in CONVERTER_FTYPES)
@@ -163,8 +163,6 @@ def convert_to_gguf(model_dir, out_path, outtype: str = "q8_0", *, release_shard
 # --------------------------------------------------------------------------------------
 # quantize
 # --------------------------------------------------------------------------------------
-
-
 
 def quant_types() -> dict[str, int]:
     """Every llama.cpp file type name -> LLAMA_FTYPE_* value, read from llama_cpp itself

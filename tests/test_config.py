@@ -105,6 +105,7 @@ def test_parse_size(text, expected):
     assert lfconfig.parse_size(text) == int(expected)
 
 
+@pytest.mark.slow
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     import subprocess
 

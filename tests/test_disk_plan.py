@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import clone_pipeline, run_snakemake, small_config, write_config
+
+pytestmark = pytest.mark.slow  # real Snakemake runs (the `pipeline` fixture and copies)
 
 
 def disk_reports(workdir: Path) -> list[dict]:

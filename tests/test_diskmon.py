@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
@@ -42,38 +41,58 @@ def test_hard_links_and_symlinked_blobs_count_once(tmp_path):
     assert measure([str(tmp_path / "missing")]) == (0, {str(tmp_path / "missing"): 0})
 
 
-def test_vanished_files_are_tolerated(tmp_path):
+class FakeClock:
+    """time.monotonic for a sampler driven by hand: each test says when each sample is taken."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Listing:
+    """What os.scandir returns, but over a listing taken before `vanish` ran."""
+
+    def __init__(self, entries):
+        self.entries = entries
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __iter__(self):
+        return iter(self.entries)
+
+
+def test_vanished_files_are_tolerated(tmp_path, monkeypatch):
+    """Files and folders deleted between the directory listing and their stat (or the walk
+    entering them) are skipped, deterministically: the deletion happens inside the walk."""
+    from loraforge import sizes
+
     root = tmp_path / "results"
     _write(root / "kept.bin", 1_000)
     (root / "dangling").symlink_to(root / "gone.bin")  # what a file deleted mid-walk looks like
     assert measure([str(root)])[0] == 1_000
 
-    stop = threading.Event()
+    _write(root / "gone-file.bin", 500)
+    _write(root / "gone-dir" / "inner.bin", 700)
+    real_scandir = os.scandir
 
-    def churn():  # files and folders appearing and disappearing while the sampler walks
-        i = 0
-        while not stop.is_set():
-            d = root / f"d{i % 5}"
-            d.mkdir(exist_ok=True)
-            f = _write(d / f"f{i}.bin", 100)
-            f.unlink()
-            if i % 7 == 0:
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
-            i += 1
+    def scandir_then_delete(d):
+        entries = list(real_scandir(d))
+        if d == str(root):  # listed, then deleted before the walk stats or enters them
+            os.unlink(root / "gone-file.bin")
+            os.unlink(root / "gone-dir" / "inner.bin")
+            os.rmdir(root / "gone-dir")
+        return _Listing(entries)
 
-    t = threading.Thread(target=churn)
-    t.start()
-    try:
-        with DiskSampler([root], tmp_path / "disk.tsv", interval=0.001) as sampler:
-            time.sleep(0.3)
-    finally:
-        stop.set()
-        t.join()
-    assert len(sampler.samples) > 5
-    assert all(total >= 1_000 for _, total, _ in sampler.samples)
+    monkeypatch.setattr(sizes.os, "scandir", scandir_then_delete)
+    sampler = DiskSampler([root], None)
+    assert sampler.sample()[1] == 1_000
+    assert len({e.name for e in real_scandir(root)}) == 2  # kept.bin, dangling: the others went mid-walk
 
 
 def test_tsv_peak_and_plot(tmp_path):
@@ -81,20 +100,25 @@ def test_tsv_peak_and_plot(tmp_path):
     other = tmp_path / "hfcache"
     _write(other / "x.bin", 2_000)
     tsv = tmp_path / "logs" / "disk.tsv"
-    sampler = DiskSampler([results, other], tsv, interval=0.01)
-    sampler.start()
-    time.sleep(0.05)
+    clock = FakeClock()
+    sampler = DiskSampler([results, other], tsv, interval=0.01, clock=clock)
+    for t in (0.0, 0.02, 0.04):
+        clock.now = t
+        sampler.sample(keep_highest=True)
     big = _write(results / "m" / "Q8_0.gguf", 500_000)
-    time.sleep(0.2)
+    for t in (0.06, 0.08, 0.10):
+        clock.now = t
+        sampler.sample(keep_highest=True)
     big.unlink()
-    time.sleep(0.05)
-    assert sampler.stop() == tsv
+    clock.now = 0.12
+    assert sampler.stop() == tsv  # never started: writes what was sampled
     header = tsv.read_text().splitlines()[0].split("\t")
     assert header == ["t_seconds", "bytes", str(results), str(other)]
     paths, times, totals, per = diskmon.read_tsv(tsv)
-    assert times == sorted(times) and len(times) >= 5
+    assert times == [0.0, 0.02, 0.04, 0.06, 0.08, 0.1]
+    assert totals == [2_000] * 3 + [502_000] * 3
     assert diskmon.peak(tsv) == 502_000 == sampler.peak
-    assert totals[-1] == 2_000 and per[str(other)][-1] == 2_000
+    assert per[str(other)][-1] == 2_000 and per[str(results)][3] == 500_000
     png = diskmon.plot_timeline(tsv, tmp_path / "disk.png", planned_peak=600_000, quota=1_000_000)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
@@ -132,19 +156,51 @@ def test_sparse_files_count_their_allocated_blocks_only(tmp_path):
 
 
 def test_peaks_of_milliseconds_are_caught_and_the_record_stays_small(tmp_path):
-    """A file that exists for 10 ms (like two merged shards next to their base shards while one
-    is fsynced) shows in the peak; still about one row per interval is kept."""
+    """Within one interval the highest sample is kept: a file that exists for one walk of a
+    few ms (like two merged shards next to their base shards while one is fsynced) shows in
+    the peak, and the record keeps about one row per interval (fake clock: deterministic)."""
     root = tmp_path / "results"
     _write(root / "kept.bin", 1_000)
-    with DiskSampler([root], tmp_path / "disk.tsv") as sampler:  # the workflow's settings
-        time.sleep(0.1)
-        for _ in range(5):
+    clock = FakeClock()
+    sampler = DiskSampler([root], None, interval=0.05, clock=clock)
+    blip = None
+    for k in range(100):  # a walk every 5 ms for 0.5 s; the blip is seen by one walk only
+        clock.now = k * 0.005
+        if k == 37:
             blip = _write(root / "blip.bin", 300_000)
-            time.sleep(0.01)
+        sampler.sample(keep_highest=True)
+        if k == 37:
             blip.unlink()
-            time.sleep(0.1)
     assert sampler.peak == 301_000
     times = [t for t, _, _ in sampler.samples]
-    assert times == sorted(times)
-    assert len(times) <= times[-1] / sampler.interval + 3
+    assert times == sorted(times) and len(times) == 10  # one per 50 ms interval
+    assert [b for _, b, _ in sampler.samples].count(301_000) == 1
     assert sampler.samples[-1][1] == 1_000
+
+
+def test_sampler_thread_samples_while_a_file_exists(tmp_path):
+    """The background thread really samples: a file that exists only until the thread has
+    completed two walks after its creation shows in the peak (no sleeps to tune)."""
+    root = tmp_path / "results"
+    _write(root / "kept.bin", 1_000)
+    sampler = DiskSampler([root], tmp_path / "disk.tsv")  # the workflow's settings
+    walks = threading.Condition()
+    done = [0]
+    real_sample = sampler.sample
+
+    def counted_sample(*args, **kwargs):
+        row = real_sample(*args, **kwargs)
+        with walks:
+            done[0] += 1
+            walks.notify_all()
+        return row
+
+    sampler.sample = counted_sample
+    with sampler:
+        blip = _write(root / "blip.bin", 300_000)
+        with walks:  # two more walks: the first may have listed the folder before the write
+            target = done[0] + 2
+            assert walks.wait_for(lambda: done[0] >= target, timeout=60), "the sampler thread stopped sampling"
+        blip.unlink()
+    assert sampler.peak == 301_000
+    assert sampler.samples[-1][1] == 1_000  # stop() takes a last sample

@@ -93,6 +93,7 @@ def _llama_cpp_buffers(path, n_ctx: int, flash_attn: bool) -> tuple[float, float
     return kv, compute
 
 
+@pytest.mark.slow
 def test_memory_table_on_tiny_gguf(tiny_gguf, tmp_path):
     df = memory_table(tiny_gguf["paths"], tiny_gguf["config"], 4096)
     assert list(df["quant"]) == ["Q4_K_M", "Q8_0"] and set(df["source"]) == {"measured"}
@@ -111,6 +112,7 @@ def test_memory_table_on_tiny_gguf(tiny_gguf, tmp_path):
     assert not (tmp_path / "memory.tsv.partial").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_ctx", [512, 4096])
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_estimates_match_llama_cpp(tiny_gguf, n_ctx, flash_attn):

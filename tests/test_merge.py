@@ -400,6 +400,7 @@ def test_consume_interrupted_between_move_and_journal(models, reference_merge, t
     assert_matches_peft(models["dense"], models["dense_adapter"], out)
 
 
+@pytest.mark.slow
 def test_killed_consume_merge_resumes(models, reference_merge, tmp_path):
     """SIGKILL (no cleanup at all) right after the second shard is recorded, then a rerun."""
     base = shutil.copytree(models["dense"], str(tmp_path / "base"))
@@ -578,6 +579,7 @@ def test_refuses_existing_output(models, tmp_path):
 # memory bound, CLI
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_within_a_shard_plus_the_adapter(tmp_path):
     """Peak RSS growth over the baseline after imports, in a fresh process. Read from the kernel's
     VmHWM, reset to the current RSS after the imports: the child's ru_maxrss would start at this

@@ -260,6 +260,7 @@ def test_render_rejects_what_ollama_cannot_read():
     assert "TEMPLATE" not in text and "SYSTEM" not in text
 
 
+@pytest.mark.slow
 def test_stop_tokens_and_modelfile_for_tiny_model(tiny_bases, tmp_path):
     base = tiny_bases["qwen3"]
     assert stop_tokens(base) == list(DEFAULT_STOP)
@@ -390,6 +391,7 @@ func main() {
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
 def test_chatml_template_renders_like_the_hf_chat_template(tmp_path, tiny_bases):
     """Ollama's chat API passes .System (the joined system messages) and .Messages (system

@@ -21,6 +21,8 @@ import pytest
 
 from loraforge.gguf import convert_to_gguf, quantize, release_decision, releasing_path
 
+pytestmark = pytest.mark.slow  # GGUFs of the tiny bases, quantized for real
+
 THREADS = 1
 QUANT = "Q5_K_M"
 

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO, clone_pipeline, run_snakemake, small_config, write_config
 
+pytestmark = pytest.mark.slow  # real Snakemake runs on a copy of the `pipeline` fixture
+
 BOTH = ("tiny", "tiny-moe")
 EXPORT_CHAIN = {"merge_adapter", "convert_gguf"}
 
@@ -128,6 +130,11 @@ def test_retrained_adapter_makes_its_ggufs_stale(work):
     assert {m for _, m, _ in jobs} == {"tiny"}
     assert {("quantize_gguf", "tiny", "Q4_K_M"), ("quantize_gguf", "tiny", "Q5_K_M")} <= jobs
     assert "train_adapter" not in rules_of(jobs)
+    # Asking for one GGUF only: merge.json (stale too) is no target now, and the GGUF's own
+    # input, the temp Q8_0, is gone, so the mtime chain is broken (snakemake#2011). Only the
+    # adapter as a direct input of quantize_gguf makes it stale here.
+    jobs = planned_jobs(work, "results/tiny/Q5_K_M.gguf")
+    assert ("quantize_gguf", "tiny", "Q5_K_M") in jobs and "train_adapter" not in rules_of(jobs)
 
 
 def test_q4_after_q8_deleted_reruns_export_chain_never_training(work):
