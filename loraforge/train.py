@@ -160,6 +160,11 @@ def train(
     resume_from = prepare_checkpoints(checkpoints, fingerprint(base_dir, train_jsonl, lora, train_params, backend))
 
     tokenizer = load_tokenizer(base_dir)
+    # LoRA's A matrices are initialised randomly: seed first, so a run is reproducible (the
+    # Trainer seeds only after the model exists)
+    from transformers import set_seed
+
+    set_seed(train_params["seed"])
     if backend == "unsloth":
         model = load_unsloth(base_dir, lora, train_params)
     else:
@@ -232,7 +237,8 @@ def train(
         "epochs": result.metrics.get("epoch"),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "train_loss_mean": result.training_loss,
+        # over the whole curve: after a resume, result.training_loss covers only this process's steps
+        "train_loss_mean": sum(losses) / len(losses) if losses else None,
         "eval_loss": eval_loss,
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else None,
