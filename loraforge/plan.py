@@ -1187,6 +1187,7 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
     plan.quota = parse_size(quota) if quota is not None else None
     plan.free = free_now
     plan.notes.extend(ri.notes)
+    plan.config = config  # for the VRAM plan of the training jobs (loraforge.vram)
     return plan
 
 
@@ -1266,6 +1267,14 @@ def run(args) -> int:
     try:
         check(plan)
     except PlanError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    from loraforge import vram
+
+    try:
+        vram.check_training(plan.config, [s.model for s in plan.order if s.rule == "train_adapter"],
+                            os.path.join(args.directory, RESULTS_DIR))
+    except vram.VramError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     return 0

@@ -181,6 +181,9 @@ def on_start(workflow, config, logfile=None) -> None:
         return  # --touch only updates timestamps: nothing is trained, deleted or written
     dag = workflow.dag
     guard_adapters(dag, config)
+    from loraforge import vram  # refuses a training job that would not fit the GPU, before any job runs
+
+    vram.check_training(config, sorted({j.wildcards.model for j in dag.needrun_jobs() if j.rule.name == TRAIN_RULE}), say=_say)
     plan = None
     try:
         from loraforge import plan as planning
