@@ -5,6 +5,7 @@
 #
 #   ./setup.sh              # set up, then: snakemake --cores 1 (the tiny default target)
 #   ./setup.sh --no-run     # set up only
+#   ./setup.sh --gpu        # also the GPU training stack (Unsloth, bitsandbytes): CUDA machines only
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,7 +15,7 @@ VENV=.venv
 TOOLS=tools
 PY="$VENV/bin/python"
 run_main_job=1
-[[ "${1:-}" == "--no-run" ]] && run_main_job=0
+[[ " $* " == *" --no-run "* ]] && run_main_job=0
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -59,6 +60,17 @@ if [[ "$(cat "$TOOLS/llama.cpp/.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON_VER
   echo "$LLAMA_CPP_PYTHON_VERSION" > "$TOOLS/llama.cpp/.version"
 else
   echo "llama.cpp converter up to date ($TOOLS/llama.cpp)"
+fi
+
+# GPU training stack, only on request and only where CUDA works: the CPU install stays free of it.
+if [[ " $* " == *" --gpu "* ]]; then
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: --gpu needs a CUDA GPU and a CUDA build of torch (this torch: $("$PY" -c 'import torch; print(torch.__version__)'))" >&2
+    exit 1
+  fi
+  step "installing the GPU training stack (requirements-gpu.txt)"
+  "$PY" -m pip install -q --no-deps -r requirements-gpu.txt
+  UNSLOTH_SKIP_TORCHVISION_CHECK=1 "$PY" -c "import unsloth, bitsandbytes; print('unsloth', unsloth.__version__)"
 fi
 
 if [[ $run_main_job == 1 ]]; then

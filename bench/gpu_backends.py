@@ -371,6 +371,19 @@ def parse_run(spec: str) -> dict:
             "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum)}
 
 
+def add_plan(r: dict) -> dict:
+    """The run's VRAM plan (loraforge.vram) when the run predates it."""
+    if "peak_gib" not in r or r.get("planned_gib") is not None:
+        return r
+    from loraforge.vram import estimate
+
+    full = SHAPES[r["shape"]]["num_hidden_layers"]
+    cfg = shape_config(r["shape"], None if r["layers"] == full else r["layers"], VOCAB).to_dict()
+    lora, tp = settings_for(SETTINGS_KEY[r["shape"]])
+    tp.update(load_in_4bit=r["load_in_4bit"], max_seq_length=r["seq"], per_device_batch_size=r["batch"])
+    return {**r, "planned_gib": round(estimate(cfg, lora, tp, r["backend"]).total_gib, 2)}
+
+
 def gib(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
@@ -381,7 +394,7 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('tag', '?')} | {r.get('backend', '')} | | | | {r['error']} | | | | | | | |")
+            lines.append(f"| {r.get('tag', '?')} | {r.get('backend', '')} | | | | {r['error'][:40]} | | | | | | | |")
             continue
         if "s_per_step" not in r:
             continue
@@ -417,8 +430,13 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accum", type=int, default=8)
     ap.add_argument("--probe", type=int, default=0)
+    ap.add_argument("--report", metavar="JSONL", help="only print the table of an earlier run's results")
     args = ap.parse_args()
 
+    if args.report:
+        print(table([add_plan(json.loads(line)) for line in Path(args.report).read_text().splitlines()
+                     if "merge_check" not in line]))
+        return
     if args.child:
         try:
             out = {"build": child_build, "train": child_train, "merge": child_merge_check}[args.child](args)

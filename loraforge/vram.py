@@ -57,6 +57,7 @@ class VramPlan:
     fixed: float
     trainable_parameters: int
     backend: str
+    moe: bool = False
 
     @property
     def total(self) -> float:
@@ -134,7 +135,7 @@ def estimate(cfg: dict, lora: dict, train: dict, backend: str) -> VramPlan:
     tokens = int(train["per_device_batch_size"]) * int(train["max_seq_length"])
     activations = tokens * (per_layer * s["layers"] * s["hidden"] + per_vocab * s["vocab"])
     return VramPlan(float(weights), float(trainable * LORA_STATE_BYTES), float(activations), float(FIXED_BYTES),
-                    trainable, backend)
+                    trainable, backend, bool(s["experts"]))
 
 
 def alternatives(cfg: dict, lora: dict, train: dict, backend: str, limit: float) -> list[str]:
@@ -212,9 +213,16 @@ def plan_training(config: dict, models: list[str], results_dir: str = "results")
     return out
 
 
+# The largest micro-batch (tokens) measured on Unsloth's MoE path: 2 x 8192 peaked at 25.7 GiB on
+# the 30B-A3B shape, 4 x 8192 ran out of 139 GiB (bench/h200), which this plan does not model.
+MEASURED_MOE_MICRO_TOKENS = 16384
+
+
 def check_training(config: dict, models: list[str], results_dir: str = "results", say=print) -> None:
     """Print each training job's VRAM plan; raise VramError naming what would fit when one does
     not fit the GPU. Nothing is checked without a GPU size (CPU training)."""
+    from loraforge.config import model_settings
+
     if not models:
         return
     limit, source = gpu_memory_limit(config)
@@ -223,9 +231,14 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
             say(f"VRAM plan of {key}: unknown (no config.json or arch: for its base)")
             continue
         say(f"VRAM plan of {key}: {plan.describe()}")
+        train = model_settings(config, key)["train"]
+        micro_tokens = train["per_device_batch_size"] * train["max_seq_length"]
+        if backend == "unsloth" and plan.moe and micro_tokens > MEASURED_MOE_MICRO_TOKENS:
+            say(f"warning: {key}: a micro-batch of {micro_tokens} tokens is beyond what was measured for Unsloth's "
+                f"MoE path ({MEASURED_MOE_MICRO_TOKENS}); 4 x 8192 ran out of 139 GiB on the H200 although "
+                "planned at 29 GiB: keep per_device_batch_size x max_seq_length <= 16384")
         if limit is None or plan.total <= limit:
             continue
-        from loraforge.config import model_settings
         from loraforge.plan import base_dir_of, hf_config_of
 
         s = model_settings(config, key)

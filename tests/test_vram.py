@@ -89,6 +89,12 @@ def test_refusal_names_what_would_fit(monkeypatch):
     # the default (4-bit) on Unsloth fits the article's 80 GB GPU, and the 40 GiB goal
     ok = lfconfig.load(REPO / "config.yaml", {"gpu_memory": "40GiB", "models": {"30b": {"train": {"backend": "unsloth"}}}})
     vram.check_training(ok, ["30b"], say=lines.append)
+    assert not any(line.startswith("warning") for line in lines)
+    # micro-batch 4 x 8192 on Unsloth's MoE path: planned to fit, measured out of memory: warned
+    big = lfconfig.load(REPO / "config.yaml", {"gpu_memory": "80GB", "models": {"30b": {"train": {
+        "backend": "unsloth", "per_device_batch_size": 4, "gradient_accumulation_steps": 4}}}})
+    vram.check_training(big, ["30b"], say=lines.append)
+    assert "warning: 30b: a micro-batch of 32768 tokens is beyond what was measured" in lines[-1]
 
 
 def test_no_gpu_size_means_no_refusal(monkeypatch):
