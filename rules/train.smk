@@ -1,7 +1,8 @@
 rule train_adapter:
-    """LoRA/QLoRA SFT (TRL + PEFT). The adapter is the expensive artifact: an existing one is
-    archived before any retraining, and retraining with unchanged settings needs an explicit
-    `--config retrain=[MODEL]` (see README: Adapter safety)."""
+    """LoRA/QLoRA SFT (Unsloth or TRL + PEFT: train.backend); a rerun after a crash resumes
+    from results/{model}/train/checkpoints. The adapter is the expensive artifact: an existing
+    one is archived before any retraining, and retraining with unchanged settings needs an
+    explicit `--config retrain=[MODEL]` (see README: Adapter safety)."""
     input:
         base=get_base_for_training,
         train="results/{model}/data/train.jsonl",
