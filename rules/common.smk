@@ -41,6 +41,14 @@ def settings(model):
     return lfconfig.model_settings(config, model)
 
 
+def tracked_train_settings(model):
+    """The train settings that decide the adapter, for train_adapter's params (a change retrains).
+    save_steps and eval_steps only decide when checkpoints and evaluations happen: the script
+    reads them from the config, so changing them never makes an adapter stale."""
+    untracked = ("save_steps", "eval_steps")
+    return {k: v for k, v in settings(model)["train"].items() if k not in untracked}
+
+
 def base_dir(model):
     """The base model folder: built or fetched into results/, or a user's local folder."""
     base = config["models"][model]["base"]

@@ -25,6 +25,6 @@ rule train_adapter:
     params:
         base_dir=lambda w: base_dir(w.model),
         lora=lambda w: settings(w.model)["lora"],
-        train=lambda w: settings(w.model)["train"],
+        train=lambda w: tracked_train_settings(w.model),
     script:
         "../scripts/train_adapter.py"

@@ -69,6 +69,40 @@ def test_config_defaults_and_backend_field():
     assert lfconfig.load(REPO / "config.yaml", {"gpu_memory": "80GB"})["gpu_memory"] == "80GB"
 
 
+def test_unsloth_path_maps_the_config(monkeypatch):
+    """Unsloth cannot run here (CUDA only): a stand-in FastLanguageModel records what
+    load_unsloth asks of it, to pin the config -> Unsloth mapping."""
+    import types
+
+    calls = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kw):
+            calls["from_pretrained"] = kw
+            return "model", "tokenizer"
+
+        @staticmethod
+        def get_peft_model(model, **kw):
+            calls["get_peft_model"] = (model, kw)
+            return "peft-model"
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    from loraforge.train_backends import load_unsloth
+
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "gate_proj"], "use_rslora": True}
+    train = {"max_seq_length": 8192, "load_in_4bit": True, "seed": 3407}
+    assert load_unsloth("/models/base", lora, train) == "peft-model"
+    fp = calls["from_pretrained"]
+    assert (fp["model_name"], fp["max_seq_length"], fp["load_in_4bit"], str(fp["dtype"])) == (
+        "/models/base", 8192, True, "torch.bfloat16")
+    model, kw = calls["get_peft_model"]
+    assert model == "model"
+    assert kw == {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "gate_proj"],
+                  "bias": "none", "use_gradient_checkpointing": "unsloth", "random_state": 3407,
+                  "use_rslora": True, "max_seq_length": 8192}
+
+
 # ---------------------------------------------------------------------------------------------
 # eval loss and the verdict
 
@@ -262,3 +296,29 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tin
     assert [r["step"] for r in rows if r["eval_loss"]] == ["3", "6"]
     assert [e["step"] for e in metrics["eval_losses"]] == [3, 6]
     assert "step 6/6" in log and "s/step" in log and "ETA" in log
+
+
+# ---------------------------------------------------------------------------------------------
+# in the workflow
+
+
+@pytest.mark.slow
+def test_workflow_training_outputs_and_what_makes_an_adapter_stale(pipeline, tmp_path):
+    """The real pipeline's training: metrics name the backend, loss.csv has the eval column, the
+    log shows progress, no checkpoints are left. Changing when checkpoints and evals happen does
+    not retrain; changing the backend does."""
+    from conftest import clone_pipeline, run_snakemake, small_config, write_config
+
+    metrics = json.loads((pipeline / "results/tiny-moe/train/metrics.json").read_text())
+    assert metrics["backend"] == "trl" and metrics["versions"]["peft"] and metrics["train_tokens"] > 0
+    assert metrics["eval_loss"] is not None
+    assert _loss_csv(pipeline / "results/tiny-moe/train/loss.csv")[-1]["eval_loss"]
+    assert not (pipeline / "results/tiny-moe/train/checkpoints").exists()
+    log = (pipeline / "logs/tiny-moe/train_adapter.log").read_text()
+    assert "training backend: trl (train.backend: auto)" in log and "ETA" in log
+
+    work = clone_pipeline(pipeline, tmp_path / "work")
+    write_config(work, small_config(defaults={"train": {"save_steps": 1, "eval_steps": 1}}))
+    assert "train_adapter" not in run_snakemake(work, "-n").stdout
+    write_config(work, small_config(defaults={"train": {"backend": "trl"}}))
+    assert "train_adapter" in run_snakemake(work, "-n").stdout
