@@ -207,7 +207,7 @@ def _train_args(tiny_bases, tmp: Path, data: tuple[Path, Path], **train_over) ->
     train_params = {
         "backend": "auto", "load_in_4bit": False, "max_seq_length": 64, "per_device_batch_size": 2,
         "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1,
-        "packing": True, "seed": 3407, "epochs": 1, "max_steps": 6, "save_steps": 2, "eval_steps": 3,
+        "packing": True, "seed": 3407, "epochs": 1, "max_steps": 4, "save_steps": 1, "eval_steps": 2,
         **train_over,
     }
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "gate_proj"], "use_rslora": False}
@@ -253,16 +253,16 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tin
     # the reference: one uninterrupted run
     ref_args = _train_args(tiny_bases, tmp_path / "ref", chat_data)
     ref_metrics, _ = _finish(_spawn(ref_args))
-    assert ref_metrics["steps"] == 6 and ref_metrics["resumed_from_step"] is None
+    assert ref_metrics["steps"] == 4 and ref_metrics["resumed_from_step"] is None
     assert ref_metrics["backend"] == "trl"
     assert not (tmp_path / "ref" / "train" / "checkpoints").exists()  # removed once the adapter is in place
 
-    # the same run, SIGKILLed once checkpoint-2 is complete
+    # the same run, SIGKILLed once checkpoint-1 is complete
     args = _train_args(tiny_bases, tmp_path / "run", chat_data)
     checkpoints = tmp_path / "run" / "train" / "checkpoints"
     proc = _spawn(args)
     deadline = time.time() + 600
-    while not (checkpoints / "checkpoint-2" / "trainer_state.json").exists():
+    while not (checkpoints / "checkpoint-1" / "trainer_state.json").exists():
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -270,13 +270,14 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tin
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "run" / "adapter").exists()  # nothing looks like a finished adapter
-    assert [d.name for d in complete_checkpoints(checkpoints)][-1] in ("checkpoint-2", "checkpoint-4")
+    assert complete_checkpoints(checkpoints)[-1].name in ("checkpoint-1", "checkpoint-2", "checkpoint-3")
+    assert len(complete_checkpoints(checkpoints)) <= 2  # the last 2 are kept
 
     metrics, log = _finish(_spawn(args))
     resumed = metrics["resumed_from_step"]
-    assert resumed in (2, 4), log[-3000:]
+    assert resumed in (1, 2, 3), log[-3000:]
     assert "resuming from" in log
-    assert metrics["steps"] == 6
+    assert metrics["steps"] == 4
 
     # Same schedule, same data order (the sampler's seed and the skipped batches), same RNG state,
     # same LoRA init (seeded): on CPU the resumed adapter is bit-identical to the uninterrupted one.
@@ -290,12 +291,12 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tin
 
     # loss.csv continues: every step once, the steps before the checkpoint as first logged
     ref_rows, rows = _loss_csv(tmp_path / "ref" / "train" / "loss.csv"), _loss_csv(tmp_path / "run" / "train" / "loss.csv")
-    assert [r["step"] for r in rows] == [str(s) for s in range(1, 7)]
+    assert [r["step"] for r in rows] == [str(s) for s in range(1, 5)]
     assert rows == ref_rows
-    # eval loss every eval_steps (3, 6), in loss.csv and in metrics
-    assert [r["step"] for r in rows if r["eval_loss"]] == ["3", "6"]
-    assert [e["step"] for e in metrics["eval_losses"]] == [3, 6]
-    assert "step 6/6" in log and "s/step" in log and "ETA" in log
+    # eval loss every eval_steps (2, 4), in loss.csv and in metrics
+    assert [r["step"] for r in rows if r["eval_loss"]] == ["2", "4"]
+    assert [e["step"] for e in metrics["eval_losses"]] == [2, 4]
+    assert "step 4/4" in log and "s/step" in log and "ETA" in log
 
 
 # ---------------------------------------------------------------------------------------------
