@@ -8,6 +8,7 @@
 #   ./setup.sh --no-run     # set up only
 #   LORAFORGE_LLAMA_TOOLS=1 ./setup.sh   # also build llama.cpp's tools (llama-perplexity,
 #                                        # llama-imatrix, llama-server, ...) into .venv/bin
+#   ./setup.sh --gpu        # also the GPU training stack (Unsloth, bitsandbytes): CUDA machines only
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,7 +18,7 @@ VENV=.venv
 TOOLS=tools
 PY="$VENV/bin/python"
 run_main_job=1
-[[ "${1:-}" == "--no-run" ]] && run_main_job=0
+[[ " $* " == *" --no-run "* ]] && run_main_job=0
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -104,6 +105,17 @@ if ! command -v go >/dev/null; then
   else
     echo "note: Go not found and apt-get unavailable (or not root): the Ollama template test will be skipped"
   fi
+fi
+
+# GPU training stack, only on request and only where CUDA works: the CPU install stays free of it.
+if [[ " $* " == *" --gpu "* ]]; then
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: --gpu needs a CUDA GPU and a CUDA build of torch (this torch: $("$PY" -c 'import torch; print(torch.__version__)'))" >&2
+    exit 1
+  fi
+  step "installing the GPU training stack (requirements-gpu.txt)"
+  "$PY" -m pip install -q --no-deps -r requirements-gpu.txt
+  UNSLOTH_SKIP_TORCHVISION_CHECK=1 "$PY" -c "import unsloth, bitsandbytes; print('unsloth', unsloth.__version__)"
 fi
 
 if [[ $run_main_job == 1 ]]; then

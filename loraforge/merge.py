@@ -51,6 +51,7 @@ from tqdm import tqdm
 from loraforge.errors import UserError
 from loraforge.constants import INDEX_NAME, MERGE_MODES, SINGLE_SHARD_NAME
 from loraforge.fileio import PARTIAL_SUFFIX, read_hf_config
+from loraforge.expert_lora_layout import ExpertLoraLayouts, LayoutError, expert_B_blocks
 from loraforge.safetensors_io import (
     TORCH_FLOAT_DTYPES,
     SafetensorsFormatError,
@@ -138,10 +139,15 @@ class LoraSettings:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     target_parameters: tuple[str, ...]
+    expert_layouts: ExpertLoraLayouts = ExpertLoraLayouts()
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoraSettings:
         refuse_unsupported_options(config)
+        try:
+            expert_layouts = ExpertLoraLayouts.from_config(config)
+        except LayoutError as e:
+            raise MergeError(str(e)) from None
         return cls(
             r=int(config["r"]),
             lora_alpha=config["lora_alpha"],
@@ -149,6 +155,7 @@ class LoraSettings:
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             target_parameters=tuple(config.get("target_parameters") or ()),
+            expert_layouts=expert_layouts,
         )
 
     def targets_parameter(self, key: str) -> bool:
@@ -424,12 +431,16 @@ def _expert_updates(
             "(adapter_config r/rank_pattern); was it trained on another model?"
         )
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
-    # PEFT's layout (ParamWrapper.get_delta_weight): lora_A rows grouped per expert, A.reshape(E, r, in);
-    # lora_B columns interleaved, B.reshape(out, r, E), so expert e owns B[:, e::E]. Those columns
-    # are gathered once here ([E, out, r], each expert's block contiguous) rather than copied again
+    # lora_A rows grouped per expert, A.reshape(E, r, in); lora_B as adapter_config records it
+    # (expert_lora_layout: PEFT's rank_major, or Unsloth's older grouped_by_expert). Each expert's
+    # B columns are gathered once here ([E, out, r], each block contiguous) rather than copied again
     # by every matmul on a strided view (the values, and so the products, are the same).
+    try:
+        b_layout = settings.expert_layouts.lora_B_layout_of(param.name, num_experts)
+    except LayoutError as e:
+        raise MergeError(str(e)) from None
     expert_A = [lora_A[e * r : (e + 1) * r] for e in range(num_experts)]
-    expert_B = lora_B.reshape(out_features * r, num_experts).t().contiguous().view(num_experts, out_features, r)
+    expert_B = expert_B_blocks(lora_B, num_experts, r, b_layout)
     if release is not None:
         release(lora_B)  # the copy replaces it: memory stays at about one adapter
     # which experts' factors are not all zero, for all experts at once (_drop_untrained)

@@ -42,13 +42,16 @@ def rule_logging(snakemake):
         with _to_log_file(path):
             try:
                 yield
-            except Exception:
-                logging.exception("rule %s failed", snakemake.rule)
+            except Exception as exc:
+                message = explain(exc, list(snakemake.output))
+                if message is None:  # a bug: the traceback is what helps
+                    logging.exception("rule %s failed", snakemake.rule)
+                else:  # the user's to fix: the message says it all (Snakemake echoes this log)
+                    logging.error("rule %s failed: %s (%s)", snakemake.rule, message, type(exc).__name__)
                 raise
     except Exception as exc:  # noqa: BLE001 - reported below, or re-raised
         message = explain(exc, list(snakemake.output))
         if message is None:
             raise
-        where = f" (details: {path})" if path else ""
-        print(f"[lora-forge] error in rule {snakemake.rule}: {message}{where}", file=sys.__stderr__, flush=True)
+        print(f"[lora-forge] error in rule {snakemake.rule}: {message}", file=sys.__stderr__, flush=True)
         raise SystemExit(1) from None

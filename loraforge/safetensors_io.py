@@ -134,7 +134,10 @@ def read_header(path: str) -> ShardHeader:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         nbytes = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
         if end - begin != nbytes or begin < 0 or data_start + end > file_size:
-            raise SafetensorsFormatError(f"{path}: tensor {name!r} has offsets {begin, end} that do not fit")
+            raise SafetensorsFormatError(
+                f"{path}: tensor {name!r} has offsets {begin, end} beyond the file's {file_size} bytes: "
+                "the file is truncated or corrupt"
+            )
         entries.append(TensorInfo(name, dtype, shape, data_start + begin, nbytes))
     entries.sort(key=lambda t: t.offset)
     return ShardHeader(path, metadata, {t.name: t for t in entries}, data_start, file_size)

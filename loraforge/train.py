@@ -1,4 +1,4 @@
-"""LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer + PEFT.
+"""LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer, on PEFT or Unsloth (train_backends).
 
 Writes the adapter folder atomically (a `.partial` folder renamed at the very end, so a
 crash never leaves something that looks like a finished adapter), the per-step loss CSV,
@@ -128,7 +128,15 @@ def train(
     record: dict | None = None,
 ) -> dict:
     """Train a LoRA adapter; writes adapter_dir and out_dir/{loss.csv,loss.png,metrics.json}.
-    `record` (loraforge.training_record) is saved in the adapter folder for the adapter guard."""
+    `record` (loraforge.training_record) is saved in the adapter folder for the adapter guard.
+
+    Checkpoints (out_dir/checkpoints) are resumed by a rerun and removed once the adapter is in place."""
+    from loraforge.train_backends import import_unsloth_first, load_unsloth, resolve_backend, versions
+
+    backend = resolve_backend(train_params.get("backend", "auto"))
+    if backend == "unsloth":
+        import_unsloth_first()  # before trl/transformers/peft: it patches them
+
     import torch
     from peft import get_peft_model
     from trl import SFTConfig
@@ -136,9 +144,11 @@ def train(
     from loraforge import training_record
     from loraforge.lora_targets import check_target_modules
     from loraforge.tokenizer import load_tokenizer
+    from loraforge.train_monitor import (
+        CHECKPOINTS_DIRNAME, KEEP_CHECKPOINTS, TokenCounter, eval_trend, fingerprint, prepare_checkpoints,
+        progress_callback,
+    )
 
-    if train_params.get("backend", "trl") != "trl":
-        raise ValueError(f"train.backend: {train_params['backend']!r} is not available; use 'trl'")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not Path(base_dir).is_dir():
         raise FileNotFoundError(
@@ -150,18 +160,31 @@ def train(
     partial = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     on_gpu = torch.cuda.is_available()
+    log.info("training backend: %s (train.backend: %s)", backend, train_params.get("backend", "auto"))
+
+    checkpoints = out_dir / CHECKPOINTS_DIRNAME
+    resume_from = prepare_checkpoints(checkpoints, fingerprint(base_dir, train_jsonl, lora, train_params, backend))
 
     tokenizer = load_tokenizer(base_dir)
-    model = load_model(base_dir, train_params["load_in_4bit"])
-    model = get_peft_model(model, lora_config(lora))
+    # LoRA's A matrices are initialised randomly: seed first, so a run is reproducible (the
+    # Trainer seeds only after the model exists)
+    from transformers import set_seed
+
+    set_seed(train_params["seed"])
+    if backend == "unsloth":
+        model = load_unsloth(base_dir, lora, train_params)
+    else:
+        model = load_model(base_dir, train_params["load_in_4bit"])
+        model = get_peft_model(model, lora_config(lora))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
     train_ds = _load_chat_dataset(train_jsonl)
     eval_ds = _load_chat_dataset(validation_jsonl) if validation_jsonl and Path(validation_jsonl).stat().st_size else None
+    save_steps, eval_steps = train_params.get("save_steps", 0), train_params.get("eval_steps", 0)
 
     args = SFTConfig(
-        output_dir=str(partial.with_name(partial.name + "-checkpoints")),
+        output_dir=str(checkpoints),
         num_train_epochs=train_params["epochs"],
         max_steps=train_params["max_steps"],
         per_device_train_batch_size=train_params["per_device_batch_size"],
@@ -177,30 +200,44 @@ def train(
         bf16=on_gpu,  # SFTConfig defaults to bf16=True, which fails on CPU
         logging_steps=1,
         logging_first_step=True,
-        save_strategy="no",
-        eval_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=KEEP_CHECKPOINTS,
+        eval_strategy="steps" if eval_steps and eval_ds is not None else "no",
+        eval_steps=eval_steps or None,
         report_to="none",
-        disable_tqdm=False,
+        disable_tqdm=True,  # progress goes to the rule log as step/total, s/step, ETA lines
         dataloader_num_workers=0,
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    trainer.add_callback(progress_callback())
+    counter = TokenCounter(trainer.data_collator, trainer.model)
+    trainer.data_collator = counter
 
     started = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - started
     steps = trainer.state.global_step
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    evaluated_last = any(h.get("step") == steps and "eval_loss" in h for h in trainer.state.log_history)
+    if eval_ds is not None and not evaluated_last:
+        trainer.evaluate()  # appends the final eval_loss to log_history
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    eval_loss = evals[-1] if evals else None
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
 
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)  # so the adapter folder is self-contained for PEFT/Unsloth
     if record is not None:
         training_record.write(partial, record)
-    history = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    history = trainer.state.log_history  # restored from the checkpoint on resume: the curve continues
     _write_loss_csv(history, out_dir / "loss.csv")
     _plot_loss(history, out_dir / "loss.png", eval_loss)
 
-    losses = [h["loss"] for h in history]
+    losses = [h["loss"] for h in history if "loss" in h and "step" in h]
     status, message = verdict(losses[-1] if losses else None, steps)
+    trend = eval_trend(history)
+    if trend is not None:
+        status, message = trend[0], f"{trend[1]}; {message}"
     if status != "ok":
         log.warning("loss verdict: %s", message)
     metrics = {
@@ -208,31 +245,42 @@ def train(
         "epochs": result.metrics.get("epoch"),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "train_loss_mean": result.training_loss,
+        # over the whole curve: after a resume, result.training_loss covers only this process's steps
+        "train_loss_mean": sum(losses) / len(losses) if losses else None,
         "eval_loss": eval_loss,
+        "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else None,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(steps, 1), 3),
+        "train_tokens": counter.tokens,
+        "tokens_per_second": round(counter.tokens / seconds, 1) if seconds > 0 else None,
+        "peak_gpu_memory_gib": round(peak_gpu, 3) if peak_gpu is not None else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": "cuda" if on_gpu else "cpu",
+        "backend": backend,
+        "versions": versions(backend),
         "verdict": status,
         "verdict_message": message,
         "lora": lora,
         "train": train_params,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(args.output_dir, ignore_errors=True)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(partial, adapter_dir)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # only once the adapter is in place
     return metrics
 
 
 def _write_loss_csv(history: list[dict], path: Path) -> None:
+    from loraforge.train_monitor import loss_rows
+
+    columns = ["step", "loss", "learning_rate", "grad_norm", "eval_loss"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "loss", "learning_rate", "grad_norm"])
-        for h in history:
-            w.writerow([h["step"], h["loss"], h.get("learning_rate", ""), h.get("grad_norm", "")])
+        w.writerow(columns)
+        for row in loss_rows(history):
+            w.writerow([row.get(c, "") for c in columns])
 
 
 def _plot_loss(history: list[dict], path: Path, eval_loss: float | None) -> None:
@@ -241,9 +289,14 @@ def _plot_loss(history: list[dict], path: Path, eval_loss: float | None) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    train_points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    eval_points = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", label="train loss")
-    if eval_loss is not None and history:
+    ax.plot([s for s, _ in train_points], [v for _, v in train_points], marker=".", label="train loss")
+    if len(eval_points) > 1:
+        ax.plot([s for s, _ in eval_points], [v for _, v in eval_points], marker="o", color="tab:orange",
+                label="validation loss")
+    elif eval_loss is not None and train_points:
         ax.axhline(eval_loss, color="tab:orange", linestyle=":", label=f"validation loss {eval_loss:.3f}")
     ax.axhspan(OVERFIT_BELOW, NOT_LEARNING_ABOVE, color="tab:green", alpha=0.08, label="healthy range (article)")
     ax.set_xlabel("optimizer step")

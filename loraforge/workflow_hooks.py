@@ -230,8 +230,12 @@ def on_start(workflow, config, logfile=None) -> None:
     if snakemake_bridge.is_touch_run(workflow):
         return  # --touch only updates timestamps: nothing is trained, deleted or written
     from loraforge import plan as planning
+    from loraforge import vram
 
-    guard_adapters(workflow, config)
+    # checks that refuse a run come before anything is archived: the GPU is too small...
+    trains = snakemake_bridge.pending_jobs(workflow.dag, rule=TRAIN_RULE)
+    vram.check_training(config, sorted({j.wildcards["model"] for j in trains}), say=_say)
+    guard_adapters(workflow, config)  # ...or lora.target_modules has a typo (checked first in there)
     plan = snakemake_bridge.plan_from_dag(workflow.dag, config)
     _say("disk plan of this run:\n" + planning.format_timeline(plan))
     try:

@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 
 import loraforge.config as lfconfig
 from loraforge import workflow_hooks
+from loraforge.train_monitor import NOT_FINGERPRINTED
 
 try:
     config = lfconfig.validate(config)
@@ -40,6 +41,13 @@ wildcard_constraints:
 
 def settings(model):
     return lfconfig.model_settings(config, model)
+
+
+def tracked_train_settings(model):
+    """The train settings that decide the adapter, for train_adapter's params (a change retrains).
+    save_steps and eval_steps only decide when checkpoints and evaluations happen: the script
+    reads them from the config, so changing them never makes an adapter stale."""
+    return {k: v for k, v in settings(model)["train"].items() if k not in NOT_FINGERPRINTED}
 
 
 def base_dir(model):

@@ -1,7 +1,8 @@
 rule train_adapter:
-    """LoRA/QLoRA SFT (TRL + PEFT). The adapter is the expensive artifact: an existing one is
-    archived before any retraining, and retraining with unchanged settings needs an explicit
-    `--config retrain=[MODEL]` (see README: Adapter safety)."""
+    """LoRA/QLoRA SFT (Unsloth or TRL + PEFT: train.backend); a rerun after a crash resumes
+    from results/{model}/train/checkpoints. The adapter is the expensive artifact: an existing
+    one is archived before any retraining, and retraining with unchanged settings needs an
+    explicit `--config retrain=[MODEL]` (see README: Adapter safety)."""
     input:
         base=get_base_for_training,
         train="results/{model}/data/train.jsonl",
@@ -24,6 +25,6 @@ rule train_adapter:
     params:
         base_dir=lambda w: base_dir(w.model),
         lora=lambda w: settings(w.model)["lora"],
-        train=lambda w: settings(w.model)["train"],
+        train=lambda w: tracked_train_settings(w.model),
     script:
         "../scripts/train_adapter.py"

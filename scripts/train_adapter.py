@@ -3,7 +3,8 @@
 trained with recorded inside (loraforge.training_record, for the adapter guard).
 
     input:  base (ancient), train, validation (JSONL)
-    params: base_dir, lora, train (the model's settings)
+    params: base_dir, lora, train (the model's settings that decide the adapter; save_steps and
+            eval_steps are read from the config: changing them never retrains)
     output: adapter (folder), metrics (JSON), loss_csv, loss_png (all three in one folder)
     log:    one file
 """
@@ -12,6 +13,7 @@ import json
 import os
 
 from loraforge import training_record
+from loraforge.config import model_settings
 from loraforge.rulelog import rule_logging
 from loraforge.train import train
 
@@ -23,7 +25,7 @@ with rule_logging(snakemake):
         adapter_dir=snakemake.output.adapter,
         out_dir=os.path.dirname(snakemake.output.metrics),
         lora=dict(snakemake.params.lora),
-        train_params=dict(snakemake.params.train),
+        train_params={**model_settings(snakemake.config, snakemake.wildcards.model)["train"], **snakemake.params.train},
         # read from the config, not params: the record is for the adapter guard, not staleness
         record=training_record.current_settings(snakemake.config, snakemake.wildcards.model),
     )

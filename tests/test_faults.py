@@ -149,7 +149,8 @@ def test_plan_never_offers_consume_for_a_users_folder(pipeline, tmp_path):
         write_config(work, c)
         for q in ("Q4_K_M", "Q5_K_M"):
             (work / f"results/tiny/{q}.gguf").unlink()
-        rc = subprocess.run([sys.executable, "-m", "loraforge.cli", "plan", "results/tiny/Q4_K_M.gguf"],
+        rc = subprocess.run([sys.executable, "-m", "loraforge.cli", "plan", "-s", str(REPO / "Snakefile"),
+                             "results/tiny/Q4_K_M.gguf"],
                             cwd=work, capture_output=True, text=True)
         outs[name] = rc.stdout + rc.stderr
     assert "consume merge mode" in outs["built"], outs["built"][-2000:]

@@ -3,11 +3,12 @@ fits the quota and the free space (exit 1 with the alternatives when it does not
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Iterable
 
 from loraforge.plan.fit import check
-from loraforge.plan.model import PlanError
+from loraforge.plan.model import RESULTS_DIR, PlanError
 from loraforge.plan.report import format_jobs, format_summary, format_timeline, timeline_frame
 from loraforge.sizes import parse_size
 from loraforge.snakemake_bridge import plan_for_targets
@@ -84,6 +85,14 @@ def run(args) -> int:
     try:
         check(plan)
     except PlanError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    from loraforge import vram
+
+    try:
+        vram.check_training(plan.config, [s.model for s in plan.order if s.rule == "train_adapter"],
+                            os.path.join(args.directory, RESULTS_DIR))
+    except vram.VramError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     return 0

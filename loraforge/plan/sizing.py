@@ -222,6 +222,7 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
     plan.quota = quota_bytes
     plan.free = free_now
     plan.notes.extend(ri.notes)
+    plan.config = config  # for the VRAM plan of the training jobs (loraforge.vram)
     return plan
 
 

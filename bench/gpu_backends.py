@@ -1,0 +1,492 @@
+"""H200 benchmark of loraforge.train.train with both backends (Unsloth, TRL+PEFT) at the article's
+real model shapes (random weights, vocab 151936), plus the Unsloth-adapter merge check.
+
+One command runs a grid of runs, most important first; each run is a fresh subprocess (so peak
+memory and CUDA/Unsloth patch state do not leak) that calls `loraforge.train.train(...)` exactly
+as scripts/train_adapter.py does, with config.yaml's settings for the shape's model (r, alpha,
+targets, lr, batch 2 x accumulation 8, packing) and the run's backend / load_in_4bit / seq.
+Results are appended to OUT/gpu_backends.jsonl as each run finishes (a run killed at the time
+limit keeps the earlier ones) and summarised in OUT/gpu_backends.md.
+
+Per run: s/step over the steps after `--warmup` (CUDA-synchronised step timestamps), tokens/step
+(counted by train(): real tokens of the packed batches), tokens/s, MFU = 6 x active params x
+tokens/s / 790e12 (bf16 dense peak of the H200), peak GPU memory overall and during the steady
+steps (a transient peak shows as overall > steady), the VRAM plan of loraforge.vram, and the
+loss per step (loss agreement between backends: same weights, data, seed).
+
+    # on the device machine (bundle unpacked on PYTHONPATH), shapes built under /dev/shm:
+    python3 bench/gpu_backends.py --out $OUT --runs 30b:unsloth:q4:8192,30b:trl:q4:8192
+    # merge check: Unsloth trains a 4-layer 30B-A3B-shaped MoE (bf16), loraforge.merge merges the
+    # adapter, and the merged model's logits are compared with the Unsloth model that trained it
+    python3 bench/gpu_backends.py --out $OUT --merge-check
+    # CPU: the same logic on tiny shapes, TRL only
+    .venv/bin/python bench/gpu_backends.py --cpu-smoke --out /tmp/gpu_backends_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PEAK_FLOPS = 790e12
+VOCAB = 151936
+
+# The article's three shapes (config.yaml's `arch:` of 3b/8b/30b); `layers` may be cut for smoke runs.
+SHAPES = {
+    "3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "30b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                num_experts=128, num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+                num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, decoder_sparse_step=1,
+                norm_topk_prob=True),
+    "tiny": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                 num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, tie_word_embeddings=False, decoder_sparse_step=1,
+                 norm_topk_prob=True),
+}
+SETTINGS_KEY = {"3b": "3b", "8b": "8b", "30b": "30b", "tiny": "tiny-moe"}
+# The article's runs: optimizer steps and its A100 wall time (for the projection).
+ARTICLE = {"30b": {"hours_a100": 26}, "8b": {"hours_a100": 17}, "3b": {"hours_a100": 14}}
+
+
+def shape_config(shape: str, layers: int | None, vocab: int):
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[shape])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    mt = spec.pop("model_type")
+    return AutoConfig.for_model(mt, vocab_size=vocab, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                                rope_theta=1_000_000.0, eos_token_id=2, pad_token_id=0, bos_token_id=None, **spec)
+
+
+def active_params(cfg) -> int:
+    """Parameters one token passes through (MoE: top-k experts of each layer), excluding the input
+    embedding (a lookup, no FLOPs); the LM head counts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        n = p.numel()
+        if ".experts." in name and getattr(cfg, "num_experts", None):
+            n = n * cfg.num_experts_per_tok // cfg.num_experts
+        total += n
+    if getattr(cfg, "tie_word_embeddings", False):
+        total += cfg.vocab_size * cfg.hidden_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: a tokenizer (byte-level BPE trained here: no hub) and a long chat dataset
+
+
+def make_inputs(work: Path) -> tuple[Path, Path, Path]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from loraforge.base import CHATML_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+
+    tok_dir, data = work / "tokenizer", work / "data"
+    if (data / "validation.jsonl").exists():
+        return tok_dir, data / "train.jsonl", data / "validation.jsonl"
+    samples = [json.loads(line) for line in (ROOT / "data/rails_chat.jsonl").read_text().splitlines() if line.strip()]
+    texts = [m["content"] for s in samples for m in s["messages"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=SPECIAL_TOKENS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(tok_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    # 12 passes over the shipped samples, each message tagged with its pass so no two are equal
+    with open(data / "train.jsonl", "w") as f:
+        for rep in range(12):
+            for s in samples[36:]:
+                msgs = [{**m, "content": f"[{rep}] {m['content']}"} for m in s["messages"]]
+                f.write(json.dumps({"messages": msgs}) + "\n")
+    with open(data / "validation.jsonl", "w") as f:
+        for s in samples[:36]:
+            f.write(json.dumps({"messages": s["messages"]}) + "\n")
+    return tok_dir, data / "train.jsonl", data / "validation.jsonl"
+
+
+def child_build(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok_dir, _, _ = make_inputs(Path(args.work))
+    d = Path(args.models) / f"{args.shape}-{args.layers or 'all'}"
+    if (d / "config.json").exists():
+        return {"dir": str(d), "reused": True}
+    cfg = shape_config(args.shape, args.layers, args.vocab)
+    torch.manual_seed(0)
+    t0 = time.time()
+    with torch.device("cpu" if args.cpu_smoke else "cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    built = time.time() - t0
+    tmp = d.with_name(d.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, tmp / f.name)
+    os.replace(tmp, d)
+    return {"dir": str(d), "params": n, "build_s": round(built, 1), "save_s": round(time.time() - t0 - built, 1),
+            "bytes": sum(p.stat().st_size for p in d.iterdir())}
+
+
+class StepTimer:
+    """Trainer callback: synchronised step timestamps, the peak during steady steps, the model."""
+
+    def __init__(self, warmup: int):
+        from transformers import TrainerCallback
+
+        timer = self
+        self.warmup, self.times, self.steady_peak, self.model = warmup, [], None, None
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, a, state, control, model=None, **kw):
+                timer._sync()
+                timer.times = [time.perf_counter()]
+                timer.model = model
+
+            def on_step_end(self, a, state, control, **kw):
+                import torch
+
+                timer._sync()
+                timer.times.append(time.perf_counter())
+                if torch.cuda.is_available() and len(timer.times) - 1 == timer.warmup:
+                    torch.cuda.reset_peak_memory_stats()  # from here on: the steady-state peak
+
+            def on_train_end(self, a, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available() and len(timer.times) - 1 > timer.warmup:
+                    timer.steady_peak = torch.cuda.max_memory_allocated() / 2**30
+
+        self.callback = _CB()
+
+    @staticmethod
+    def _sync():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def probe_ids(tok_dir: Path, n: int = 256):
+    import torch
+
+    from loraforge.base import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    text = json.loads((ROOT / "data/rails_chat.jsonl").read_text().splitlines()[0])["messages"]
+    ids = tok.apply_chat_template(text, tokenize=True, return_tensors="pt", return_dict=True)["input_ids"][:, :n]
+    return ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
+
+
+def settings_for(key: str) -> tuple[dict, dict]:
+    """(lora, train) of config.yaml's model `key`; where jsonschema is missing (the GPU image), the
+    same overlay of defaults read with yaml, with the schema defaults of the newer fields."""
+    try:
+        from loraforge import config as lfconfig
+
+        s = lfconfig.model_settings(lfconfig.load(ROOT / "config.yaml"), key)
+        return dict(s["lora"]), dict(s["train"])
+    except ImportError:
+        import yaml
+
+        cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+        model = cfg["models"][key]
+        return ({**cfg["defaults"]["lora"], **model.get("lora", {})},
+                {"save_steps": 0, "eval_steps": 0, **cfg["defaults"]["train"], **model.get("train", {})})
+
+
+def child_train(args) -> dict:
+    if args.backend == "unsloth":
+        from loraforge.train_backends import import_unsloth_first
+
+        import_unsloth_first()
+    import torch
+    import transformers.trainer as ttrainer
+
+    from loraforge.train import train
+
+    work = Path(args.work)
+    tok_dir, train_jsonl, val_jsonl = make_inputs(work)
+    base_dir = Path(args.models) / f"{args.shape}-{args.layers or 'all'}"
+    lora, tp = settings_for(SETTINGS_KEY[args.shape])
+    tp.update(backend=args.backend, load_in_4bit=bool(args.q4), max_seq_length=args.seq, max_steps=args.steps,
+              save_steps=0, eval_steps=0, per_device_batch_size=args.batch, gradient_accumulation_steps=args.accum)
+    if args.cpu_smoke:
+        tp.update(backend="trl", load_in_4bit=False)
+    if args.probe:  # the merge check needs a LoRA effect well above bf16 noise after a few steps
+        tp.update(learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler="constant")
+    tag = run_tag(args)
+    timer = StepTimer(args.warmup)
+    ttrainer.DEFAULT_CALLBACKS.append(timer.callback)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    metrics = train(str(base_dir), str(train_jsonl), None, adapter_dir=str(work / tag / "adapter"),
+                    out_dir=str(work / tag / "train"), lora=lora, train_params=tp)
+    wall = time.time() - t0
+    dts = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    steady = dts[args.warmup:] or dts
+    s_per_step = sum(steady) / len(steady)
+    tokens_per_step = metrics["train_tokens"] / max(metrics["steps"], 1)
+    cfg = shape_config(args.shape, args.layers, args.vocab)
+    active = active_params(cfg)
+    tps = tokens_per_step / s_per_step
+    out = {
+        "tag": tag, "shape": args.shape, "layers": cfg.num_hidden_layers, "backend": metrics["backend"],
+        "load_in_4bit": tp["load_in_4bit"], "seq": args.seq, "batch": args.batch, "accum": args.accum,
+        "steps": metrics["steps"], "step_times_s": [round(x, 2) for x in dts], "s_per_step": round(s_per_step, 3),
+        "tokens_per_step": round(tokens_per_step), "tokens_per_s": round(tps), "active_params": active,
+        "mfu": round(6 * active * tps / PEAK_FLOPS, 4), "peak_gib": metrics["peak_gpu_memory_gib"],
+        "steady_peak_gib": round(timer.steady_peak, 3) if timer.steady_peak else None,
+        "losses": [float(x) for x in _losses(work / tag / "train" / "loss.csv")],
+        "trainable": metrics["trainable_parameters"], "versions": metrics["versions"], "wall_s": round(wall, 1),
+        "env": {k: os.environ.get(k) for k in ("UNSLOTH_MOE_BACKEND",) if os.environ.get(k)},
+    }
+    try:
+        from loraforge.vram import estimate
+
+        plan = estimate(cfg.to_dict(), lora, tp, backend=metrics["backend"])
+        out["planned_gib"] = round(plan.total_gib, 2)
+        out["plan"] = plan.as_dict()
+    except ImportError:
+        pass
+    if args.probe and timer.model is not None:  # logits of the model that trained, for the merge check
+        model = timer.model
+        model.eval()
+        ids = probe_ids(tok_dir).to(next(model.parameters()).device)
+        with torch.no_grad():
+            lora_logits = model(input_ids=ids).logits.float().cpu()
+            with model.disable_adapter():
+                base_logits = model(input_ids=ids).logits.float().cpu()
+        torch.save({"ids": ids.cpu(), "lora": lora_logits, "base": base_logits}, work / tag / "probe.pt")
+    return out
+
+
+def _losses(path: Path) -> list[float]:
+    import csv
+
+    with open(path) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+
+
+def child_merge_check(args) -> dict:
+    """Merge the Unsloth adapter with loraforge.merge and compare the merged model's logits with
+    the logits of the Unsloth model that trained it (probe.pt): relative L2 of the LoRA effect."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.merge import merge
+
+    work = Path(args.work)
+    base_dir = Path(args.models) / f"{args.shape}-{args.layers or 'all'}"
+    tag = run_tag(args)
+    adapter = work / tag / "adapter"
+    merged_dir = Path(args.models) / f"{tag}-merged"
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    t0 = time.time()
+    report = merge(str(base_dir), str(adapter), str(merged_dir), mode="copy", progress=False)
+    merge_s = time.time() - t0
+    probe = torch.load(work / tag / "probe.pt")
+
+    def logits(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+        with torch.no_grad():
+            return model(input_ids=probe["ids"].cuda()).logits.float().cpu()
+
+    merged, base = logits(merged_dir), logits(base_dir)
+    effect = probe["lora"] - probe["base"]
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    return {
+        "tag": tag, "merge_s": round(merge_s, 1), "report": {k: v for k, v in report.as_dict().items() if k != "shards"},
+        "lora_effect_rel_l2_of_logits": float(effect.norm() / probe["base"].norm()),
+        "merged_vs_unsloth_rel_l2_of_effect": float((merged - probe["lora"]).norm() / effect.norm()),
+        "merged_vs_base_rel_l2_of_effect": float((merged - probe["base"]).norm() / effect.norm()),
+        # noise floor: the same base weights through transformers vs through Unsloth's kernels
+        "transformers_base_vs_unsloth_base_rel_l2_of_effect": float((base - probe["base"]).norm() / effect.norm()),
+        "argmax_agree_merged_vs_unsloth": float((merged.argmax(-1) == probe["lora"].argmax(-1)).float().mean()),
+        "unsloth_fused_expert_lora": acfg.get("unsloth_fused_expert_lora"),
+        "target_parameters": acfg.get("target_parameters"), "rank_pattern": acfg.get("rank_pattern"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration
+
+
+def run_tag(args) -> str:
+    return f"{args.shape}-{args.layers or 'all'}-{args.backend}-{'q4' if args.q4 else 'bf16'}-{args.seq}-b{args.batch}x{args.accum}"
+
+
+def run_child(argv: list[str], log, timeout: int) -> dict:
+    res = Path(argv[argv.index("--result") + 1])
+    res.unlink(missing_ok=True)
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, timeout=timeout)
+        output, rc = p.stdout, p.returncode
+    except subprocess.TimeoutExpired as e:
+        output, rc = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout) or "", "timeout"
+    log.write(f"\n===== {' '.join(argv)} rc={rc} {time.time() - t0:.1f}s =====\n{output[-20000:]}\n")
+    log.flush()
+    if res.exists():
+        return json.loads(res.read_text())
+    tail = output[-3000:]
+    oom = "OutOfMemoryError" in output or "CUDA out of memory" in output
+    return {"error": "out of GPU memory" if oom else f"rc={rc}", "tail": tail}
+
+
+def parse_run(spec: str) -> dict:
+    """shape[/layers]:backend:q4|bf16:seq[:batch x accum], e.g. 30b:unsloth:q4:8192 or 30b/4:trl:bf16:2048:2x8"""
+    parts = spec.split(":")
+    shape, _, layers = parts[0].partition("/")
+    batch, accum = (parts[4].split("x") if len(parts) > 4 else ("2", "8"))
+    return {"shape": shape, "layers": int(layers) if layers else None, "backend": parts[1],
+            "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum)}
+
+
+def add_plan(r: dict) -> dict:
+    """The run's VRAM plan (loraforge.vram) when the run predates it."""
+    if "peak_gib" not in r or r.get("planned_gib") is not None:
+        return r
+    from loraforge.vram import estimate
+
+    full = SHAPES[r["shape"]]["num_hidden_layers"]
+    cfg = shape_config(r["shape"], None if r["layers"] == full else r["layers"], VOCAB).to_dict()
+    lora, tp = settings_for(SETTINGS_KEY[r["shape"]])
+    tp.update(load_in_4bit=r["load_in_4bit"], max_seq_length=r["seq"], per_device_batch_size=r["batch"])
+    return {**r, "planned_gib": round(estimate(cfg, lora, tp, r["backend"]).total_gib, 2)}
+
+
+def gib(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| run | backend | 4-bit | seq | batch | s/step | tokens/s | MFU | peak GiB | steady GiB | plan GiB | "
+            "plan err | losses |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('tag', '?')} | {r.get('backend', '')} | | | | {r['error'][:40]} | | | | | | | |")
+            continue
+        if "s_per_step" not in r:
+            continue
+        plan = r.get("planned_gib")
+        err = f"{(plan - r['peak_gib']) / r['peak_gib']:+.0%}" if plan and r.get("peak_gib") else ""
+        lines.append(
+            f"| {r['shape']}-{r['layers']}L | {r['backend']} | {r['load_in_4bit']} | {r['seq']} | {r['batch']}x{r['accum']} | "
+            f"{r['s_per_step']:.2f} | {r['tokens_per_s']:,} | {r['mfu']:.1%} | {gib(r['peak_gib'])} | "
+            f"{gib(r['steady_peak_gib'])} | {gib(plan)} | {err} | {' '.join(f'{x:.3f}' for x in r['losses'][:6])} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--work", default="/tmp/gpu_backends")
+    ap.add_argument("--models", default="/dev/shm/lf-models")
+    ap.add_argument("--runs", default="", help="comma-separated run specs (see parse_run)")
+    ap.add_argument("--merge-check", action="store_true")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=VOCAB)
+    ap.add_argument("--timeout", type=int, default=580)
+    ap.add_argument("--cpu-smoke", action="store_true")
+    # child-only
+    ap.add_argument("--child")
+    ap.add_argument("--result")
+    ap.add_argument("--shape")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--backend")
+    ap.add_argument("--q4", type=int, default=0)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=8)
+    ap.add_argument("--probe", type=int, default=0)
+    ap.add_argument("--report", metavar="JSONL", help="only print the table of an earlier run's results")
+    args = ap.parse_args()
+
+    if args.report:
+        print(table([add_plan(json.loads(line)) for line in Path(args.report).read_text().splitlines()
+                     if "merge_check" not in line]))
+        return
+    if args.child:
+        try:
+            out = {"build": child_build, "train": child_train, "merge": child_merge_check}[args.child](args)
+        except Exception as e:
+            out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:],
+                   "tag": run_tag(args) if args.backend else args.shape}
+        Path(args.result).write_text(json.dumps(out, indent=1, default=str))
+        return
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    results_file, log = out / "gpu_backends.jsonl", open(out / "gpu_backends.log", "a")
+    res = str(Path(args.work) / "result.json")
+    common = ["--work", args.work, "--models", args.models, "--vocab", str(args.vocab), "--result", res]
+    if args.cpu_smoke:
+        common.append("--cpu-smoke")
+    runs = [parse_run(r) for r in args.runs.split(",") if r]
+    if args.merge_check:
+        runs.insert(0, {"shape": "30b", "layers": 4, "backend": "unsloth", "q4": False, "seq": 2048, "batch": 2,
+                        "accum": 4, "probe": 1})
+    rows, built = [], set()
+    for run in runs:
+        key = (run["shape"], run["layers"])
+        layers = ["--layers", str(run["layers"])] if run["layers"] else []
+        if key not in built:
+            r = run_child(["--child", "build", "--shape", run["shape"], *layers, *common], log, args.timeout)
+            print("build", json.dumps(r), flush=True)
+            built.add(key)
+            if "error" in r:
+                continue
+        argv = ["--child", "train", "--shape", run["shape"], *layers, "--backend", run["backend"],
+                "--q4", str(int(run["q4"])), "--seq", str(run["seq"]), "--batch", str(run["batch"]),
+                "--accum", str(run["accum"]), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--probe", str(run.get("probe", 0)), *common]
+        r = run_child(argv, log, args.timeout)
+        if "tag" not in r:
+            r["tag"] = str(run)
+        rows.append(r)
+        print("train", json.dumps({k: v for k, v in r.items() if k not in ("plan", "traceback")}), flush=True)
+        with open(results_file, "a") as f:
+            f.write(json.dumps(r, default=str) + "\n")
+        if run.get("probe") and "error" not in r:
+            m = run_child([a if a != "train" else "merge" for a in argv], log, args.timeout)
+            print("merge", json.dumps(m), flush=True)
+            with open(results_file, "a") as f:
+                f.write(json.dumps({"merge_check": m}, default=str) + "\n")
+        (out / "gpu_backends.md").write_text(table(rows) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""What a long training run needs besides the trainer: resumable checkpoints, progress in the
+rule log, a token count for tokens/s, and reading eval loss against train loss.
+
+Checkpoints live in `<model>/train/checkpoints/checkpoint-N` (transformers' own format:
+adapter, optimizer, scheduler, RNG and trainer state), never next to the adapter, so the adapter
+guard never takes one for a finished adapter. A rerun after a crash resumes from the newest
+complete one when it was made with the same settings and data (checkpoints/fingerprint.json);
+checkpoints of other settings are discarded, with a log line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+FINGERPRINT_FILE = "fingerprint.json"
+KEEP_CHECKPOINTS = 2
+# What transformers writes into a checkpoint; trainer_state.json comes last, so a checkpoint
+# killed while saving lacks it and is skipped.
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
+# Settings that do not change what is trained (when a checkpoint is taken, how often eval runs).
+NOT_FINGERPRINTED = ("save_steps", "eval_steps")
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(base_dir, train_jsonl, lora: dict, train_params: dict, backend: str) -> dict:
+    """What a checkpoint must have been trained with to be resumed."""
+    return {
+        "base_dir": str(Path(base_dir).resolve()),
+        "train_sha256": _file_digest(train_jsonl),
+        "lora": lora,
+        "train": {k: v for k, v in sorted(train_params.items()) if k not in NOT_FINGERPRINTED},
+        "backend": backend,
+    }
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """checkpoint-N folders that hold every file a resume needs, oldest first."""
+    found = []
+    for d in checkpoints.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir() and all((d / f).exists() for f in CHECKPOINT_FILES):
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def prepare_checkpoints(checkpoints: Path, expected: dict) -> Path | None:
+    """The checkpoint to resume from (None: start fresh). Checkpoints made with other settings,
+    or without a fingerprint, are removed; so are incomplete ones."""
+    recorded_file = checkpoints / FINGERPRINT_FILE
+    if checkpoints.exists():
+        recorded = json.loads(recorded_file.read_text()) if recorded_file.exists() else None
+        if recorded != json.loads(json.dumps(expected)):
+            changed = sorted(k for k in expected if recorded is None or recorded.get(k) != expected[k])
+            log.warning("discarding checkpoints in %s: made with other %s", checkpoints, ", ".join(changed) or "settings")
+            shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    recorded_file.write_text(json.dumps(expected, indent=1))
+    complete = complete_checkpoints(checkpoints)
+    for d in checkpoints.glob("checkpoint-*"):
+        if d not in complete:
+            log.warning("removing incomplete checkpoint %s (interrupted while saving)", d)
+            shutil.rmtree(d, ignore_errors=True)
+    if complete:
+        log.info("resuming from %s", complete[-1])
+        return complete[-1]
+    return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_callback(min_interval_s: float = 10.0):
+    """A TrainerCallback that logs `step k/total, s/step, ETA` (from the steps of this process,
+    so a resumed run's ETA is not skewed) at most every min_interval_s, and the first and last."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step, self.started, self.last_logged = state.global_step, time.time(), 0.0
+            self.last_loss = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.last_loss = logs["loss"]
+            if logs and "eval_loss" in logs:
+                log.info("step %d/%d: eval loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.time()
+            done = state.global_step - self.start_step
+            last = state.global_step >= state.max_steps
+            if done != 1 and not last and now - self.last_logged < min_interval_s:
+                return
+            self.last_logged = now
+            per_step = (now - self.started) / max(done, 1)
+            eta = per_step * max(state.max_steps - state.global_step, 0)
+            loss = f", loss {self.last_loss:.4f}" if self.last_loss is not None else ""
+            log.info(
+                "step %d/%d (%.0f%%), %.2f s/step, ETA %s%s",
+                state.global_step, state.max_steps, 100 * state.global_step / max(state.max_steps, 1),
+                per_step, _duration(eta), loss,
+            )
+
+    return Progress()
+
+
+class TokenCounter:
+    """Wraps a data collator and counts the real (unpadded) tokens of training batches: Unsloth's
+    trainer logs no num_tokens, and tokens/s is the figure that compares backends."""
+
+    def __init__(self, collator, model):
+        self.collator, self.model, self.tokens = collator, model, 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if getattr(self.model, "training", True):
+            mask = batch.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+
+# Eval loss that rose this much above its best while train loss fell flags overfitting.
+EVAL_RISE = 0.02
+
+
+def eval_trend(history: list[dict]) -> tuple[str, str] | None:
+    """('overfitting', message) when the last eval loss is more than EVAL_RISE above the best
+    earlier one while the train loss fell between those steps; None otherwise (or < 2 evals)."""
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    trains = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if len(evals) < 2 or not trains:
+        return None
+
+    def train_loss_at(step: int) -> float:
+        near = [loss for s, loss in trains if s <= step] or [trains[0][1]]
+        return near[-1]
+
+    best_step, best = min(evals[:-1], key=lambda e: e[1])
+    last_step, last = evals[-1]
+    if math.isnan(last) or last <= best * (1 + EVAL_RISE):
+        return None
+    train_then, train_now = train_loss_at(best_step), train_loss_at(last_step)
+    if train_now >= train_then:
+        return None
+    return "overfitting", (
+        f"validation loss rose from {best:.3f} (step {best_step}) to {last:.3f} (step {last_step}) while train "
+        f"loss fell from {train_then:.3f} to {train_now:.3f}: the model is memorising the training data"
+    )
+
+
+def loss_rows(history: list[dict]) -> list[dict]:
+    """One row per optimizer step that logged something: train loss, lr, grad norm, eval loss."""
+    rows: dict[int, dict] = {}
+    for h in history:
+        if "step" not in h or not ("loss" in h or "eval_loss" in h):
+            continue
+        row = rows.setdefault(h["step"], {"step": h["step"]})
+        for key in ("loss", "learning_rate", "grad_norm", "eval_loss"):
+            if key in h:
+                row[key] = h[key]
+    return [rows[s] for s in sorted(rows)]

@@ -1,0 +1,251 @@
+"""Peak GPU memory of a training job, planned from the config before anything runs, and the
+refusal of a run whose training would not fit the GPU (`gpu_memory`, or the visible GPU's).
+
+peak = weights + LoRA training state + activations, with
+  weights     every parameter at its training dtype: bf16, or NF4 (bitsandbytes, double-quantised
+              absmax: 0.516 bytes/param) for the 2-D Linear weights when load_in_4bit. Embedding
+              and LM head stay 16-bit. A MoE's fused 3-D expert tensors: bitsandbytes leaves them
+              16-bit on the TRL path (transformers 5 keeps them as 3-D parameters), Unsloth
+              (unsloth_zoo) quantizes them too. TRL's QLoRA preparation upcasts the rest (embedding,
+              head, norms) to fp32.
+  LoRA state  trainable parameters x 16 bytes (fp32 weight, gradient, two Adam moments). Counted
+              as PEFT creates them: r x (in + out) per targeted Linear, E x r x (in + out) per fused
+              expert parameter, with PEFT's doubled rank for gate_up_proj on the TRL path (its
+              rank_pattern) and none on Unsloth's.
+  activations per micro-batch token: a per-layer part (checkpointed hidden states; Unsloth
+              offloads them to the CPU) and a per-vocabulary part (logits, their gradient), with
+              coefficients fitted to the H200 runs in bench/h200/ (see ACTIVATION_BYTES).
+
+Planned vs measured on the H200 (bench/h200/gpu_backends-h200.jsonl): within 15% for every run
+that fitted; see the README's "Training on a GPU"."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+NF4_BYTES = 0.5 + 1 / 64 * (1 + 4 / 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
+LORA_STATE_BYTES = 16  # fp32 weight + grad + Adam exp_avg + exp_avg_sq
+# Activation bytes per micro-batch token: (x layers x hidden, x vocabulary), by (backend, MoE).
+# Fitted to the H200 runs at seq 8192 (bench/h200; 2 runs per backend, so a fit, not a model):
+# Unsloth offloads the checkpointed hidden states to the CPU and chunks the loss (about one bf16
+# hidden vector per layer and token stays); TRL keeps more per layer, and on a dense QLoRA model
+# the fp32 LM head's logits add about 1 byte per vocabulary entry and token.
+ACTIVATION_BYTES = {
+    ("unsloth", False): (1.0, 0.0),
+    ("unsloth", True): (1.0, 0.0),
+    ("trl", False): (5.5, 1.1),
+    ("trl", True): (2.2, 0.0),
+}
+# CUDA context, allocator slack, workspace (cuBLAS, Triton autotune).
+FIXED_BYTES = 0.75 * GIB
+DENSE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class VramError(RuntimeError):
+    pass
+
+
+@dataclass
+class VramPlan:
+    weights: float
+    lora_state: float
+    activations: float
+    fixed: float
+    trainable_parameters: int
+    backend: str
+    moe: bool = False
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.lora_state + self.activations + self.fixed
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def as_dict(self) -> dict:
+        d = {k: (round(v / GIB, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return {**d, "total_gib": round(self.total_gib, 2)}
+
+    def describe(self) -> str:
+        return (f"{self.total_gib:.1f} GiB = weights {self.weights / GIB:.1f} + LoRA state {self.lora_state / GIB:.1f} "
+                f"+ activations {self.activations / GIB:.1f} + fixed {self.fixed / GIB:.1f} ({self.backend})")
+
+
+def _shape(cfg: dict) -> dict:
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    return {
+        "hidden": hidden, "layers": int(cfg["num_hidden_layers"]), "vocab": int(cfg["vocab_size"]),
+        "q": heads * head_dim, "kv": kv * head_dim, "inter": int(cfg["intermediate_size"]),
+        "experts": experts, "moe_inter": int(cfg.get("moe_intermediate_size") or 0),
+        "tied": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each 2-D Linear of one decoder layer (a MoE: attention + router)."""
+    h = s["hidden"]
+    shapes = {"q_proj": (h, s["q"]), "k_proj": (h, s["kv"]), "v_proj": (h, s["kv"]), "o_proj": (s["q"], h)}
+    if s["experts"]:
+        shapes["router"] = (h, s["experts"])
+    else:
+        shapes.update(gate_proj=(h, s["inter"]), up_proj=(h, s["inter"]), down_proj=(s["inter"], h))
+    return shapes
+
+
+def trainable_parameters(cfg: dict, lora: dict, backend: str) -> int:
+    s = _shape(cfg)
+    r, targets = int(lora["r"]), set(lora["target_modules"])
+    per_layer = sum(r * (i + o) for name, (i, o) in _linear_shapes(s).items() if name in targets)
+    if s["experts"]:
+        h, mi, e = s["hidden"], s["moe_inter"], s["experts"]
+        if targets & {"gate_proj", "up_proj"}:
+            r_gate_up = r if backend == "unsloth" else 2 * r  # PEFT's rank_pattern doubles gate_up
+            per_layer += e * r_gate_up * (h + 2 * mi)
+        if "down_proj" in targets:
+            per_layer += e * r * (mi + h)
+    return per_layer * s["layers"]
+
+
+def estimate(cfg: dict, lora: dict, train: dict, backend: str) -> VramPlan:
+    """The planned peak of one training job: `cfg` is the base's HF config (config.json or the
+    model's `arch:`), `lora`/`train` its effective settings, backend 'unsloth' or 'trl'."""
+    s = _shape(cfg)
+    q4 = bool(train["load_in_4bit"])
+    linear = s["layers"] * sum(i * o for i, o in _linear_shapes(s).values())
+    experts = s["layers"] * s["experts"] * 3 * s["moe_inter"] * s["hidden"]
+    norms = s["layers"] * 2 * s["hidden"] + s["hidden"]
+    embed_head = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
+    if q4:
+        expert_bytes = NF4_BYTES if backend == "unsloth" else 2
+        rest_bytes = 4 if backend == "trl" else 2  # prepare_model_for_kbit_training upcasts to fp32
+        weights = linear * NF4_BYTES + experts * expert_bytes + (embed_head + norms) * rest_bytes
+    else:
+        weights = 2.0 * (linear + experts + embed_head + norms)
+    trainable = trainable_parameters(cfg, lora, backend)
+    per_layer, per_vocab = ACTIVATION_BYTES[(backend, bool(s["experts"]))]
+    tokens = int(train["per_device_batch_size"]) * int(train["max_seq_length"])
+    activations = tokens * (per_layer * s["layers"] * s["hidden"] + per_vocab * s["vocab"])
+    return VramPlan(float(weights), float(trainable * LORA_STATE_BYTES), float(activations), float(FIXED_BYTES),
+                    trainable, backend, bool(s["experts"]))
+
+
+def alternatives(cfg: dict, lora: dict, train: dict, backend: str, limit: float) -> list[str]:
+    """Single changes that bring the plan under `limit` bytes; when none does, pairs of changes."""
+    options = []
+    if not train["load_in_4bit"]:
+        options.append(("load_in_4bit: true", {"load_in_4bit": True}, None))
+    if backend == "trl":
+        options.append(("backend: unsloth", {}, "unsloth"))
+    if train["per_device_batch_size"] > 1:
+        b = train["per_device_batch_size"]
+        options.append((f"per_device_batch_size: 1 (gradient_accumulation_steps: {train['gradient_accumulation_steps'] * b})",
+                        {"per_device_batch_size": 1, "gradient_accumulation_steps": train["gradient_accumulation_steps"] * b}, None))
+    for seq in (train["max_seq_length"] // 2, train["max_seq_length"] // 4):
+        if seq >= 512:
+            options.append((f"max_seq_length: {seq}", {"max_seq_length": seq}, None))
+    def plan_of(change: dict, new_backend: str | None) -> VramPlan:
+        return estimate(cfg, lora, {**train, **change}, new_backend or backend)
+
+    singles = [(name, plan_of(change, nb)) for name, change, nb in options]
+    fits = [f"{name} ({plan.total_gib:.1f} GiB)" for name, plan in singles if plan.total <= limit]
+    if fits:
+        return fits
+    for i, (name, change, nb) in enumerate(options):
+        for name2, change2, nb2 in options[i + 1:]:
+            if change.keys() & change2.keys():
+                continue  # two values of one field
+            plan = plan_of({**change, **change2}, nb2 or nb)
+            if plan.total <= limit:
+                fits.append(f"{name} + {name2} ({plan.total_gib:.1f} GiB)")
+    return fits
+
+
+def visible_gpu_memory() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except ImportError:
+        pass
+    return None
+
+
+def gpu_memory_limit(config: dict) -> tuple[int | None, str]:
+    """(bytes, where from): the config's gpu_memory, else the visible GPU's, else (None, why)."""
+    if config.get("gpu_memory") is not None:
+        from loraforge.sizes import parse_size
+
+        return parse_size(config["gpu_memory"]), "gpu_memory in the config"
+    visible = visible_gpu_memory()
+    if visible:
+        return visible, "the visible GPU"
+    return None, "no gpu_memory in the config and no GPU visible"
+
+
+def plan_training(config: dict, models: list[str], results_dir: str = "results") -> list[tuple[str, VramPlan | None, str]]:
+    """(model, plan, backend note) for each model that trains; plan None when its shape is unknown."""
+    from loraforge.config import model_settings
+    from loraforge.plan import base_dir_of, hf_config_of
+    from loraforge.train_backends import BackendError, resolve_backend
+
+    out = []
+    for key in models:
+        s = model_settings(config, key)
+        try:
+            backend = resolve_backend(s["train"].get("backend", "auto"))
+        except BackendError:
+            backend = "unsloth"  # planned as requested; the training job itself refuses if it cannot run
+        cfg = hf_config_of(config, key, base_dir_of(config, key, results_dir))
+        if not cfg or "hidden_size" not in cfg:
+            out.append((key, None, backend))
+            continue
+        out.append((key, estimate(cfg, s["lora"], s["train"], backend), backend))
+    return out
+
+
+# The largest micro-batch (tokens) measured on Unsloth's MoE path: 2 x 8192 peaked at 25.7 GiB on
+# the 30B-A3B shape, 4 x 8192 ran out of 139 GiB (bench/h200), which this plan does not model.
+MEASURED_MOE_MICRO_TOKENS = 16384
+
+
+def check_training(config: dict, models: list[str], results_dir: str = "results", say=print) -> None:
+    """Print each training job's VRAM plan; raise VramError naming what would fit when one does
+    not fit the GPU. Nothing is checked without a GPU size (CPU training)."""
+    from loraforge.config import model_settings
+
+    if not models:
+        return
+    limit, source = gpu_memory_limit(config)
+    for key, plan, backend in plan_training(config, models, results_dir):
+        if plan is None:
+            say(f"VRAM plan of {key}: unknown (no config.json or arch: for its base)")
+            continue
+        say(f"VRAM plan of {key}: {plan.describe()}")
+        train = model_settings(config, key)["train"]
+        micro_tokens = train["per_device_batch_size"] * train["max_seq_length"]
+        if backend == "unsloth" and plan.moe and micro_tokens > MEASURED_MOE_MICRO_TOKENS:
+            say(f"warning: {key}: a micro-batch of {micro_tokens} tokens is beyond what was measured for Unsloth's "
+                f"MoE path ({MEASURED_MOE_MICRO_TOKENS}); 4 x 8192 ran out of 139 GiB on the H200 although "
+                "planned at 29 GiB: keep per_device_batch_size x max_seq_length <= 16384")
+        if limit is None or plan.total <= limit:
+            continue
+        from loraforge.plan import base_dir_of, hf_config_of
+
+        s = model_settings(config, key)
+        cfg = hf_config_of(config, key, base_dir_of(config, key, results_dir))
+        fits = alternatives(cfg, s["lora"], s["train"], backend, limit)
+        hint = ("; would fit with models." + key + ".train " + "; or ".join(fits)) if fits else "; nothing tried fits: use a larger GPU"
+        raise VramError(
+            f"training {key} needs about {plan.total_gib:.1f} GiB of GPU memory, more than the "
+            f"{limit / GIB:.1f} GiB of {source}{hint}"
+        )
