@@ -13,7 +13,9 @@ rule convert_gguf:
     priority: model_priority
     conda:
         "../envs/export.yaml"
-    threads: 2
+    threads: job_threads("convert_gguf")
+    resources:
+        **job_resources("convert_gguf"),
     params:
         outtype=INTERMEDIATE,
         # low-disk mode: each merged shard is deleted once its tensors are in the GGUF
@@ -36,7 +38,9 @@ rule quantize_gguf:
     priority: model_priority
     conda:
         "../envs/export.yaml"
-    threads: 2
+    threads: job_threads("quantize_gguf")
+    resources:
+        **job_resources("quantize_gguf"),
     params:
         quant=lambda w: w.quant,
     script:
@@ -56,6 +60,9 @@ rule check_gguf:
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    threads: job_threads("check_gguf")
+    resources:
+        **job_resources("check_gguf"),
     params:
         quant=lambda w: w.quant,
     script:
@@ -77,6 +84,9 @@ rule memory_table:
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    threads: job_threads("memory_table")
+    resources:
+        **job_resources("memory_table"),
     params:
         num_ctx=lambda w: settings(w.model)["ollama"]["num_ctx"],
     script:

@@ -13,6 +13,9 @@ rule merge_adapter:
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    threads: job_threads("merge_adapter")
+    resources:
+        **job_resources("merge_adapter"),
     params:
         mode=EXPORT["merge_mode"],
         remove_base_after=lambda w: EXPORT["merge_mode"] == "consume"
