@@ -129,6 +129,7 @@ def train(
     """Train a LoRA adapter; writes adapter_dir and out_dir/{loss.csv,loss.png,metrics.json}."""
     import torch
     from peft import get_peft_model
+    from transformers import set_seed
     from trl import SFTConfig
 
     from loraforge.base import load_tokenizer
@@ -148,6 +149,9 @@ def train(
 
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, train_params["load_in_4bit"])
+    # the LoRA A matrices are drawn here, before the trainer seeds anything: without this every
+    # run starts from another init and no two adapters (local, or on a cluster) are equal
+    set_seed(train_params["seed"])
     model = get_peft_model(model, lora_config(lora))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
