@@ -121,3 +121,13 @@ def test_tiny_pipeline_runs_through_slurm_and_matches_the_local_run(slurm, pipel
     for name in ("data/train.jsonl", "adapter/adapter_model.safetensors"):
         assert (tiny / name).read_bytes() == (local / name).read_bytes(), f"{name} differs from the local run's"
     assert (workdir / TARGET).read_bytes() == (pipeline / TARGET).read_bytes(), "the GGUF differs from the local run's"
+
+
+def test_a_cluster_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path, monkeypatch):
+    """The skip reason of the test above: the daemon that failed and its log's last lines."""
+    monkeypatch.setattr(LocalSlurm, "slurm_conf", lambda self: "ClusterName=broken\nNoSuchOption=1\n")
+    cluster = LocalSlurm(tmp_path / "cluster")
+    with pytest.raises(SlurmUnavailable, match=r"slurmctld exited with \d+: .*NoSuchOption"):
+        with cluster:
+            pass
+    assert not cluster.procs  # munged, started first, was stopped again
