@@ -148,7 +148,7 @@ def test_plan_prints_the_resource_table(tmp_path, capsys, monkeypatch):
     table = out.split("Resources each job requests")[1].split("Disk timeline")[0]
     rows = {tuple(line.split()[:2]): line.split() for line in table.splitlines()[3:] if line.strip()}
     train_30b = rows[("train_adapter", "model=30b")]
-    assert train_30b[2:7] == ["2", "96000", train_30b[4], "720", "1"]
+    assert train_30b[2:7] == ["8", "96000", train_30b[4], "720", "1"]
     cfg = lfconfig.validate(small_config())
     assert int(train_30b[4]) == R.resource(cfg, "train_adapter", "disk_mb", "30b",
                                            ["results/30b/base", "results/30b/data/train.jsonl",
