@@ -139,6 +139,7 @@ def train(
 
     import torch
     from peft import get_peft_model
+    from transformers import set_seed
     from trl import SFTConfig
 
     from loraforge import training_record
@@ -168,8 +169,6 @@ def train(
     tokenizer = load_tokenizer(base_dir)
     # LoRA's A matrices are initialised randomly: seed first, so a run is reproducible (the
     # Trainer seeds only after the model exists)
-    from transformers import set_seed
-
     set_seed(train_params["seed"])
     if backend == "unsloth":
         model = load_unsloth(base_dir, lora, train_params)

@@ -13,7 +13,9 @@ rule build_tiny_base:
     priority: model_priority
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: job_threads("build_tiny_base")
+    resources:
+        **job_resources("build_tiny_base"),
     params:
         arch=lambda w: config["models"][w.model]["base"]["build"],
         vocab_size=config["tiny_base"]["vocab_size"],
@@ -36,6 +38,9 @@ rule fetch_base:
     retries: 2
     conda:
         "../envs/train.yaml"
+    threads: job_threads("fetch_base")
+    resources:
+        **job_resources("fetch_base"),
     params:
         repo_id=lambda w: config["models"][w.model]["base"]["hub"],
         revision=lambda w: config["models"][w.model]["base"].get("revision"),

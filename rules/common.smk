@@ -9,6 +9,7 @@ sys.path.insert(0, workflow.basedir)  # the loraforge package next to this Snake
 from snakemake.exceptions import WorkflowError
 
 import loraforge.config as lfconfig
+import loraforge.resources as lfresources
 from loraforge import workflow_hooks
 from loraforge.train_monitor import NOT_FINGERPRINTED
 
@@ -109,6 +110,34 @@ def model_outputs(model):
         f"results/{model}/data/summary.tsv",
     ]
     return out
+
+
+def job_threads(rule_name):
+    """Threads of a job of a rule: per model, per rule or the default (loraforge.resources)."""
+    return lambda wildcards: lfresources.threads(
+        config, rule_name, getattr(wildcards, "model", None)
+    )
+
+
+def job_resources(rule_name):
+    """What a job of a rule asks a scheduler for (mem_mb, disk_mb, runtime, gpu, ...), as
+    callables of the job; one that evaluates to None is not declared (loraforge.resources).
+    """
+
+    def declared(name):
+        def value(wildcards, input):
+            return lfresources.resource(
+                config,
+                rule_name,
+                name,
+                model=getattr(wildcards, "model", None),
+                inputs=[str(f) for f in input],
+                wildcards=dict(wildcards.items()),
+            )
+
+        return value
+
+    return {name: declared(name) for name in lfresources.RESOURCE_NAMES}
 
 
 def get_final_outputs():

@@ -17,6 +17,9 @@ rule prepare_data:
     priority: model_priority
     conda:
         "../envs/train.yaml"
+    threads: job_threads("prepare_data")
+    resources:
+        **job_resources("prepare_data"),
     params:
         base_dir=lambda w: base_dir(w.model),
         max_source_share=config["data"]["max_source_share"],

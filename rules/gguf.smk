@@ -13,7 +13,9 @@ rule convert_gguf:
     priority: model_priority
     conda:
         "../envs/export.yaml"
-    threads: 2
+    threads: job_threads("convert_gguf")
+    resources:
+        **job_resources("convert_gguf"),
     params:
         outtype=INTERMEDIATE,
         # consume mode (set, or chosen by auto): each merged shard is deleted once its tensors
@@ -38,7 +40,9 @@ rule quantize_gguf:
     priority: model_priority
     conda:
         "../envs/export.yaml"
-    threads: 2
+    threads: job_threads("quantize_gguf")
+    resources:
+        **job_resources("quantize_gguf"),
     params:
         quant=lambda w: w.quant,
     script:
@@ -58,6 +62,9 @@ rule check_gguf:
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    threads: job_threads("check_gguf")
+    resources:
+        **job_resources("check_gguf"),
     params:
         quant=lambda w: w.quant,
     script:
@@ -79,6 +86,9 @@ rule memory_table:
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    threads: job_threads("memory_table")
+    resources:
+        **job_resources("memory_table"),
     params:
         num_ctx=lambda w: settings(w.model)["ollama"]["num_ctx"],
     script:

@@ -13,6 +13,9 @@ rule merge_adapter:
     priority: model_priority
     conda:
         "../envs/export.yaml"
+    threads: job_threads("merge_adapter")
+    resources:
+        **job_resources("merge_adapter"),
     params:
         mode=EXPORT["merge_mode"],
         base_is_users=lambda w: "path" in config["models"][w.model]["base"],

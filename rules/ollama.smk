@@ -13,6 +13,9 @@ rule write_modelfile:
     priority: model_priority
     conda:
         "../envs/ollama.yaml"
+    threads: job_threads("write_modelfile")
+    resources:
+        **job_resources("write_modelfile"),
     params:
         name=lambda w: settings(w.model)["ollama"]["name"],
         system=lambda w: settings(w.model)["ollama"]["system"],
@@ -35,6 +38,9 @@ rule ollama_create:
         "logs/{model}/ollama_create.log",
     conda:
         "../envs/ollama.yaml"
+    threads: job_threads("ollama_create")
+    resources:
+        **job_resources("ollama_create"),
     params:
         name=lambda w: settings(w.model)["ollama"]["name"],
     shell:

@@ -21,7 +21,9 @@ rule train_adapter:
     priority: model_priority
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: job_threads("train_adapter")
+    resources:
+        **job_resources("train_adapter"),
     params:
         base_dir=lambda w: base_dir(w.model),
         lora=lambda w: settings(w.model)["lora"],

@@ -11,7 +11,7 @@ from loraforge.plan.fit import check
 from loraforge.plan.model import RESULTS_DIR, PlanError
 from loraforge.plan.report import format_jobs, format_summary, format_timeline, timeline_frame
 from loraforge.sizes import parse_size
-from loraforge.snakemake_bridge import plan_for_targets
+from loraforge.snakemake_bridge import build_dag, plan_from_dag
 
 
 def parse_config_args(entries: Iterable[str]) -> dict:
@@ -47,6 +47,8 @@ def add_arguments(parser) -> None:
                         "default: disk_quota from the config")
     parser.add_argument("--free", metavar="SIZE", help="free space to assume (default: measured)")
     parser.add_argument("--tsv", metavar="FILE", help="also write the timeline as TSV")
+    parser.add_argument("--resources", action="store_true",
+                        help="also print the threads, mem_mb, disk_mb, runtime and GPUs each job requests on a cluster")
 
 
 def run(args) -> int:
@@ -58,9 +60,9 @@ def run(args) -> int:
         print(f"error: --config: {e}", file=sys.stderr)
         return 2
     try:
-        plan = plan_for_targets(args.snakefile, args.targets, overrides, args.directory,
-                                quota=args.quota, free=parse_size(args.free) if args.free else None,
-                                configfiles=args.configfile)
+        workflow = build_dag(args.snakefile, args.targets, overrides, args.directory, configfiles=args.configfile)
+        plan = plan_from_dag(workflow.dag, workflow.config, workdir=workflow._lf_workdir, quota=args.quota,
+                             free=parse_size(args.free) if args.free else None)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -74,6 +76,12 @@ def run(args) -> int:
         print(f"Jobs ({len(plan.order)}), in the order a --cores 1 run takes them:")
         print(format_jobs(plan))
         print()
+        if args.resources:
+            from loraforge import resources
+
+            print("Resources each job requests from a cluster scheduler (config.yaml resources:):")
+            print(resources.format_plan(plan, workflow.config, workflow._lf_workdir))
+            print()
         print("Disk timeline (results/ plus any base folder outside it):")
         print(format_timeline(plan))
         print()
