@@ -97,6 +97,8 @@ def run(args) -> int:
         return 1
     from loraforge import vram
 
+    if "defaults" not in plan.config:  # not a lora-forge config (another Snakefile): no training settings
+        return 0
     try:
         vram.check_training(plan.config, [s.model for s in plan.order if s.rule == "train_adapter"],
                             os.path.join(args.directory, RESULTS_DIR))
