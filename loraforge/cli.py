@@ -10,7 +10,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "merge": ("loraforge.merge", "stream a LoRA adapter into 16-bit safetensors shards"),
+    "merge": ("loraforge.merge.cli", "stream a LoRA adapter into 16-bit safetensors shards"),
     "plan": ("loraforge.plan.cli", "preview the jobs of a target and their peak disk against the quota"),
     "check-modelfile": ("loraforge.modelfile", "validate an Ollama Modelfile with Ollama's parser rules"),
     "inspect-gguf": ("loraforge.gguf", "print a GGUF's metadata and check it"),

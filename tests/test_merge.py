@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loraforge import merge as merge_module
+from loraforge.merge import arithmetic as merge_arithmetic
+from loraforge.merge import stream as merge_stream
 from loraforge.cli import main as cli_main
 from loraforge.merge import JOURNAL_NAME, MARKER_NAME, Journal, MergeError, merge
 from merge_helpers import (
@@ -231,7 +232,7 @@ def test_row_blocks_stay_within_one_ulp(models, tmp_path, monkeypatch):
     """Huge tensors are merged in row blocks to bound memory. MKL may then round a delta element
     differently than in one big matmul (PEFT's), by an ulp of the delta."""
     merge(models["dense"], models["dense_adapter"], str(tmp_path / "whole"), progress=False)
-    monkeypatch.setattr(merge_module, "BLOCK_BYTES", 4096)  # 4 rows of 256 fp32 per block
+    monkeypatch.setattr(merge_arithmetic, "BLOCK_BYTES", 4096)  # 4 rows of 256 fp32 per block
     merge(models["dense"], models["dense_adapter"], str(tmp_path / "blocks"), progress=False)
     whole, blocks = load_shards(str(tmp_path / "whole")), load_shards(str(tmp_path / "blocks"))
     for name, x in whole.items():
@@ -427,13 +428,13 @@ def test_killed_consume_merge_resumes(models, reference_merge, tmp_path):
 
 def test_interrupted_before_final_rename(models, reference_merge, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    real_publish = merge_module._publish
+    real_publish = merge_stream._publish
 
     def publish_fails_once(partial_dir, out_dir):
-        monkeypatch.setattr(merge_module, "_publish", real_publish)
+        monkeypatch.setattr(merge_stream, "_publish", real_publish)
         raise RuntimeError("injected failure before the final rename")
 
-    monkeypatch.setattr(merge_module, "_publish", publish_fails_once)
+    monkeypatch.setattr(merge_stream, "_publish", publish_fails_once)
     with pytest.raises(RuntimeError, match="injected"):
         merge(models["dense"], models["dense_adapter"], out, progress=False)
     assert not os.path.exists(out) and os.path.exists(os.path.join(out + ".partial", MARKER_NAME))
@@ -609,7 +610,7 @@ def test_peak_rss_stays_within_a_shard_plus_the_adapter(tmp_path):
     adapter_size = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))
     # one-time OpenMP thread pool and MKL start-up on the first matmul: about 7 MiB, measured,
     # once per merge worker thread (each runs its own; in a busy full-suite run both start)
-    slack = 10 * 2**20 * merge_module._worker_count()
+    slack = 10 * 2**20 * merge_stream._worker_count()
     bound = 1.2 * (max(shard_sizes) + adapter_size) + slack
     assert baseline > 100 * 2**20  # torch is imported: the baseline is a real one
     assert sum(shard_sizes) > 3 * bound  # holding the whole model would fail the check
