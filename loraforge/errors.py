@@ -77,7 +77,7 @@ def explain(exc: BaseException, outputs: Iterable[str | os.PathLike] = ()) -> st
     if looks_like_disk_full(exc):
         where = getattr(exc, "filename", None) or nearly_full(outputs) or (outputs[0] if outputs else "output")
         return disk_full_message(where)
-    if isinstance(exc, OSError) and nearly_full(outputs):
+    if nearly_full(outputs):  # a library that reports a failed write without errno (sentencepiece)
         return disk_full_message(nearly_full(outputs))
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"

@@ -18,6 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
+from loraforge.fileio import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -64,13 +66,16 @@ def prepare_checkpoints(checkpoints: Path, expected: dict) -> Path | None:
     or without a fingerprint, are removed; so are incomplete ones."""
     recorded_file = checkpoints / FINGERPRINT_FILE
     if checkpoints.exists():
-        recorded = json.loads(recorded_file.read_text()) if recorded_file.exists() else None
+        try:
+            recorded = json.loads(recorded_file.read_text())
+        except (OSError, ValueError):  # missing, or torn by a crash or a full disk: not trusted
+            recorded = None
         if recorded != json.loads(json.dumps(expected)):
             changed = sorted(k for k in expected if recorded is None or recorded.get(k) != expected[k])
             log.warning("discarding checkpoints in %s: made with other %s", checkpoints, ", ".join(changed) or "settings")
             shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    recorded_file.write_text(json.dumps(expected, indent=1))
+    write_json_atomic(recorded_file, expected)
     complete = complete_checkpoints(checkpoints)
     for d in checkpoints.glob("checkpoint-*"):
         if d not in complete:

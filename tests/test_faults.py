@@ -379,7 +379,10 @@ def kill_during(work: Path, rule: str, *targets: str, extra: tuple[str, ...] = (
                 break
             time.sleep(0.02)
         running = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the run had already finished
+            pass
     finally:
         proc.wait()
     return started and running
