@@ -200,7 +200,11 @@ def plan_training(config: dict, models: list[str], results_dir: str = "results")
 
     out = []
     for key in models:
-        s = model_settings(config, key)
+        try:
+            s = model_settings(config, key)
+        except (KeyError, TypeError):  # a config without lora-forge's defaults (not validated)
+            out.append((key, None, "unknown"))
+            continue
         try:
             backend = resolve_backend(s["train"].get("backend", "auto"))
         except BackendError:
@@ -228,7 +232,7 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
     limit, source = gpu_memory_limit(config)
     for key, plan, backend in plan_training(config, models, results_dir):
         if plan is None:
-            say(f"VRAM plan of {key}: unknown (no config.json or arch: for its base)")
+            say(f"VRAM plan of {key}: unknown (no train settings, or no config.json or arch: for its base)")
             continue
         say(f"VRAM plan of {key}: {plan.describe()}")
         train = model_settings(config, key)["train"]
