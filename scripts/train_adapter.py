@@ -1,12 +1,3 @@
-"""Snakemake rule script for train_adapter: LoRA/QLoRA SFT with TRL + PEFT
-(loraforge.train.train); the adapter folder is written atomically.
-
-    input:  base (ancient), train, validation (JSONL)
-    params: base_dir, lora, train (the model's settings)
-    output: adapter (folder), metrics (JSON), loss_csv, loss_png (all three in one folder)
-    log:    one file
-"""
-
 import json
 import os
 
@@ -19,7 +10,7 @@ with rule_logging(snakemake):
         snakemake.input.train,
         snakemake.input.validation,
         adapter_dir=snakemake.output.adapter,
-        out_dir=os.path.dirname(snakemake.output.metrics),
+        out_dir=os.path.dirname(snakemake.output.metrics),  # the folder of metrics, loss.csv, loss.png
         lora=dict(snakemake.params.lora),
         train_params=dict(snakemake.params.train),
     )
