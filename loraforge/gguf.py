@@ -638,7 +638,7 @@ def check_gguf(path, expect_arch: str | None = None, expect_ftype: str | int | N
     """Smoke-check a GGUF: metadata (architecture, general.file_type, chat template present,
     EOS = <|im_end|>, tensors present) and, with load=True, load it in llama.cpp and greedily
     generate a few tokens from a ChatML prompt. Returns a report dict, also written as JSON to
-    report_path (atomically) when given; raises GGUFCheckError listing every problem found
+    report_path (atomically) and printed when given; raises GGUFCheckError listing every problem found
     (and writes no report)."""
     path = Path(path)
     if not path.is_file():
@@ -677,7 +677,8 @@ def check_gguf(path, expect_arch: str | None = None, expect_ftype: str | int | N
     report["problems"] = problems
     if problems:
         raise GGUFCheckError(f"{path}: " + "; ".join(problems))
-    if report_path is not None:
+    if report_path is not None:  # the check_gguf rule: the report also goes to the rule's log
+        print(json.dumps(report, indent=2, default=str))
         write_json_atomic(report_path, report)
     return report
 

@@ -23,7 +23,7 @@ with rule_logging(snakemake):
         snakemake.input.train,
         snakemake.input.validation,
         adapter_dir=snakemake.output.adapter,
-        out_dir=os.path.dirname(snakemake.output.metrics),
+        out_dir=os.path.dirname(snakemake.output.metrics),  # the folder of metrics, loss.csv, loss.png
         lora=dict(snakemake.params.lora),
         train_params={**model_settings(snakemake.config, snakemake.wildcards.model)["train"], **snakemake.params.train},
         # read from the config, not params: the record is for the adapter guard, not staleness

@@ -130,9 +130,12 @@ def test_retrained_adapter_makes_its_ggufs_stale(work):
     assert {m for _, m, _ in jobs} == {"tiny"}
     assert {("quantize_gguf", "tiny", "Q4_K_M"), ("quantize_gguf", "tiny", "Q5_K_M")} <= jobs
     assert "train_adapter" not in rules_of(jobs)
-    # Asking for one GGUF only: merge.json (stale too) is no target now, and the GGUF's own
-    # input, the temp Q8_0, is gone, so the mtime chain is broken (snakemake#2011). Only the
-    # adapter as a direct input of quantize_gguf makes it stale here.
+    # Up to here merge.json, stale as well, also carries the change down the temp files. Build
+    # one quant of the new adapter: merge.json is new again and merged/ and Q8_0 are gone, so
+    # the other quant, still from the old adapter, is stale only through its direct adapter
+    # input (snakemake#2011; without it Snakemake says "Nothing to be done" here).
+    run_snakemake(work, "results/tiny/Q4_K_M.gguf")
+    assert not (work / "results/tiny/Q8_0.gguf").exists() and not (work / "results/tiny/merged").exists()
     jobs = planned_jobs(work, "results/tiny/Q5_K_M.gguf")
     assert ("quantize_gguf", "tiny", "Q5_K_M") in jobs and "train_adapter" not in rules_of(jobs)
 
