@@ -239,7 +239,7 @@ def on_start(workflow, config, logfile=None) -> None:
     plan = snakemake_bridge.plan_from_dag(workflow.dag, config)
     _say("disk plan of this run:\n" + planning.format_timeline(plan))
     try:
-        planning.check_plan(plan, config)
+        planning.check(plan)  # against the plan's quota (disk_quota) and the free space
     except planning.PlanError as e:
         if config.get("disk_check", "abort") != "warn":
             raise

@@ -635,9 +635,9 @@ def test_onstart_hook_aborts_before_any_job(toy_workflow):
     sf = toy_workflow / "Snakefile"
     sf.write_text(sf.read_text() + textwrap.dedent("""
         onstart:
-            from loraforge.plan import check_plan
+            from loraforge.plan import check
             from loraforge.snakemake_bridge import plan_from_dag
-            check_plan(plan_from_dag(workflow.dag, config), config)
+            check(plan_from_dag(workflow.dag, config))
     """))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     snakemake = Path(sys.executable).parent / "snakemake"

@@ -4,11 +4,10 @@ run re-planned in consume mode, with a Q8_0 intermediate, one quant per run, alo
 from __future__ import annotations
 
 import itertools
-from typing import Mapping
 
 from loraforge.plan.model import Alternative, Plan, PlanError
 from loraforge.plan.simulate import Planner
-from loraforge.sizes import human, parse_size
+from loraforge.sizes import human
 
 
 def fits(plan: Plan, quota: int | None, free: int | None) -> bool:
@@ -94,10 +93,3 @@ def check(plan: Plan, quota_bytes: int | None = None, free_bytes: int | None = N
         else:
             lines.append("None of these fits: free disk space or raise the quota.")
     raise PlanError("\n".join(lines), plan, alts)
-
-
-def check_plan(plan: Plan, config: Mapping | None = None, quota: int | str | None = None) -> Plan:
-    """check() with the quota from `quota`, else the config's disk_quota, else the plan's."""
-    if quota is None and config is not None and config.get("disk_quota") is not None:
-        quota = config["disk_quota"]
-    return check(plan, parse_size(quota) if quota is not None else None)

@@ -217,9 +217,7 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
         plan.notes.append(f"export.merge_mode auto: {plan.merge_mode} ({reason})")
     else:
         plan = planner.replace(merge_mode=mode).plan()
-    if quota is None and config.get("disk_quota") is not None:
-        quota = config["disk_quota"]
-    plan.quota = quota_bytes
+    plan.quota = quota_bytes  # the one place the quota is read: `quota`, else the config's disk_quota
     plan.free = free_now
     plan.notes.extend(ri.notes)
     plan.config = config  # for the VRAM plan of the training jobs (loraforge.vram)
