@@ -223,15 +223,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         other = ", ".join(f"{k}={r[k]}" for k in RESOURCE_NAMES if k in r and k not in TABLE_COLUMNS)
         table.append((r["rule"], r["wildcards"] or "-", *(str(r.get(k, "-")) for k in TABLE_COLUMNS), other or "-"))
-    widths = [max(len(str(row[c])) for row in table) for c in range(len(head))]
-    right = {2, 3, 4, 5, 6}
-    lines = []
-    for n, row in enumerate(table):
-        cells = [str(v).rjust(widths[c]) if c in right else str(v).ljust(widths[c]) for c, v in enumerate(row)]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from loraforge.plan.report import format_table
+
+    return format_table(table, right={2, 3, 4, 5, 6})
 
 
 def format_plan(plan, config: Mapping, workdir: str | os.PathLike) -> str:

@@ -22,7 +22,7 @@ def format_jobs(plan: Plan) -> str:
     for k, s in enumerate(plan.order, start=1):
         outs = ", ".join(p + (" (temp)" if p in s.temp_outputs else "") for p in s.outputs) or "-"
         rows.append((str(k), s.rule, s.model or "", str(s.priority), outs))
-    return _table(rows)
+    return format_table(rows)
 
 
 def format_timeline(plan: Plan) -> str:
@@ -36,10 +36,12 @@ def format_timeline(plan: Plan) -> str:
             str(e.step) if e.step else "-", e.rule or "-", e.model or "-", e.event, e.path or "",
             human(e.delta, signed=True), human(e.used), human(e.peak) + mark]
         rows.append(tuple(row))
-    return _table(rows, right={len(head) - 3, len(head) - 2, len(head) - 1})
+    return format_table(rows, right={len(head) - 3, len(head) - 2, len(head) - 1})
 
 
-def _table(rows: list[tuple], right: set[int] = frozenset()) -> str:
+def format_table(rows: list[tuple], right: set[int] = frozenset()) -> str:
+    """Rows as aligned text columns, the first row a header underlined with dashes (`right`:
+    the columns aligned right)."""
     widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
     lines = []
     for n, r in enumerate(rows):
