@@ -70,7 +70,7 @@ class _Listing:
 def test_vanished_files_are_tolerated(tmp_path, monkeypatch):
     """Files and folders deleted between the directory listing and their stat (or the walk
     entering them) are skipped, deterministically: the deletion happens inside the walk."""
-    from loraforge import sizes
+    from loraforge.sizes import on_disk  # the module whose os.scandir walks
 
     root = tmp_path / "results"
     _write(root / "kept.bin", 1_000)
@@ -89,7 +89,7 @@ def test_vanished_files_are_tolerated(tmp_path, monkeypatch):
             os.rmdir(root / "gone-dir")
         return _Listing(entries)
 
-    monkeypatch.setattr(sizes.os, "scandir", scandir_then_delete)
+    monkeypatch.setattr(on_disk.os, "scandir", scandir_then_delete)
     sampler = DiskSampler([root], None)
     assert sampler.sample()[1] == 1_000
     assert len({e.name for e in real_scandir(root)}) == 2  # kept.bin, dangling: the others went mid-walk

@@ -26,7 +26,7 @@ the last block is far below 0.1%.
 
 The package, one concern a module: `units` (parse_size, human), `arch` (the architecture
 from a config), `checkpoint` (the Hugging Face side: tensors, shards, adapter, tokenizer),
-`gguf_sizes` (the GGUF side: tensor types, file size), `measure` (what exists on disk).
+`gguf_sizes` (the GGUF side: tensor types, file size), `on_disk` (measuring what exists).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from loraforge.sizes.gguf_sizes import (
     gguf_tensors,
     tokenizer_metadata_bytes,
 )
-from loraforge.sizes.measure import actual_or_estimate, file_bytes, measure, path_bytes
+from loraforge.sizes.on_disk import actual_or_estimate, file_bytes, measure, path_bytes
 from loraforge.sizes.units import human, parse_size
 
 __all__ = [
