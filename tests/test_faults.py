@@ -121,6 +121,7 @@ def test_bad_config_is_refused_before_any_job(work, tmp_path, case):
         assert digest(users_base) == users_before, "the user's folder was touched"
 
 
+@pytest.mark.slow
 def test_consume_refusal_reaches_the_merge_itself(tiny_bases, tmp_path):
     """The config check is the first line; the merge refuses a user's folder on its own too."""
     from loraforge.merge import MergeError, merge
@@ -137,6 +138,7 @@ def test_consume_refusal_reaches_the_merge_itself(tiny_bases, tmp_path):
     assert not (tmp_path / "merged.partial").exists()
 
 
+@pytest.mark.slow
 def test_plan_never_offers_consume_for_a_users_folder(pipeline, tmp_path):
     """With a quota too small for link mode, `loraforge plan` names what fits; consume mode is
     not among the choices when the base is the user's own folder."""
