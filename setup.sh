@@ -6,8 +6,6 @@
 #
 #   ./setup.sh              # set up, then: snakemake --cores 1 (the tiny default target)
 #   ./setup.sh --no-run     # set up only
-#   LORAFORGE_LLAMA_TOOLS=1 ./setup.sh   # also build llama.cpp's tools (llama-perplexity,
-#                                        # llama-imatrix, llama-server, ...) into .venv/bin
 #   ./setup.sh --gpu        # also the GPU training stack (Unsloth, bitsandbytes): CUDA machines only
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,14 +26,11 @@ if [[ ! -x "$PY" ]]; then
   "$PY" -m pip install -q --upgrade pip
 fi
 
-# llama.cpp build: the library only (what quantize and generation call through llama_cpp);
-# every tool, mtmd and the server off: 127 of the 203 compile units of a build with every
-# tool (README "Set-up time"); LORAFORGE_LLAMA_TOOLS=1 adds them.
+# llama.cpp build: the library (what quantize and generation call through llama_cpp) and its
+# tools: llama-perplexity (quality: perplexity and KL divergence), llama-imatrix and
+# llama-server (the serving test). The multimodal library stays off.
 # GGML_NATIVE=OFF: a native build enables AMX on these Xeons and quantized GGUFs segfault.
-LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
-if [[ "${LORAFORGE_LLAMA_TOOLS:-0}" == 1 ]]; then
-  LLAMA_CMAKE_ARGS+=" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAMA_BUILD_SERVER=ON"
-fi
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAMA_BUILD_SERVER=ON"
 
 # A stamp of everything that decides the environment: change a pin or the build flags and it
 # reinstalls.

@@ -3,8 +3,8 @@
 Two halves of one llama.cpp commit are used (toolchain facts, "llama.cpp from PyPI"):
 
 - the compiled library of `llama-cpp-python` (the quantizer, `llama_model_quantize`, and
-  generation; setup.sh builds the library only, `LORAFORGE_LLAMA_TOOLS=1 ./setup.sh` adds the
-  command-line tools such as `llama-perplexity`, `llama-imatrix`, `llama-server`);
+  generation) and its command-line tools from the same build (`llama-perplexity`,
+  `llama-imatrix`, `llama-server`; `llama_tool(name)` finds them);
 - the Python converter from the same sdist, extracted at `tools/llama.cpp/`
   (`convert_hf_to_gguf.py`, `conversion/`, and its own `gguf-py/`), so converter and
   quantizer agree on the format. `LORAFORGE_LLAMACPP_DIR` points elsewhere if needed.
@@ -69,6 +69,32 @@ def llamacpp_dir() -> Path:
             "or set LORAFORGE_LLAMACPP_DIR"
         )
     return d
+
+
+def llama_tool(name: str) -> Path:
+    """A llama.cpp command-line tool of the llama-cpp-python build (setup.sh builds the tools
+    with the library; they install into site-packages/bin, beside site-packages/lib)."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    tool = site / "bin" / name
+    if not tool.is_file():
+        raise FileNotFoundError(
+            f"llama.cpp tool {name} not found at {tool}; run ./setup.sh (it builds llama.cpp's "
+            "tools with -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAMA_BUILD_SERVER=ON)"
+        )
+    return tool
+
+
+def llama_tool_env(base: dict | None = None) -> dict:
+    """Environment for a llama.cpp tool: its shared libraries (site-packages/lib) on
+    LD_LIBRARY_PATH."""
+    import sysconfig
+
+    env = dict(os.environ if base is None else base)
+    lib = str(Path(sysconfig.get_paths()["purelib"]) / "lib")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, env.get("LD_LIBRARY_PATH")) if p)
+    return env
 
 
 def converter_script() -> Path:
