@@ -235,7 +235,8 @@ def child_train(args) -> dict:
     base_dir = Path(args.models) / f"{args.shape}-{args.layers or 'all'}"
     lora, tp = settings_for(SETTINGS_KEY[args.shape])
     tp.update(backend=args.backend, load_in_4bit=bool(args.q4), max_seq_length=args.seq, max_steps=args.steps,
-              save_steps=0, eval_steps=0, per_device_batch_size=args.batch, gradient_accumulation_steps=args.accum)
+              save_steps=0, eval_steps=0, per_device_batch_size=args.batch, gradient_accumulation_steps=args.accum,
+              gradient_checkpointing=args.checkpointing)
     if args.cpu_smoke:
         tp.update(backend="trl", load_in_4bit=False)
     if args.probe:  # the merge check needs a LoRA effect well above bf16 noise after a few steps
@@ -259,6 +260,7 @@ def child_train(args) -> dict:
     out = {
         "tag": tag, "shape": args.shape, "layers": cfg.num_hidden_layers, "backend": metrics["backend"],
         "load_in_4bit": tp["load_in_4bit"], "seq": args.seq, "batch": args.batch, "accum": args.accum,
+        "checkpointing": args.checkpointing,
         "steps": metrics["steps"], "step_times_s": [round(x, 2) for x in dts], "s_per_step": round(s_per_step, 3),
         "tokens_per_step": round(tokens_per_step), "tokens_per_s": round(tps), "active_params": active,
         "mfu": round(6 * active * tps / PEAK_FLOPS, 4), "peak_gib": metrics["peak_gpu_memory_gib"],
@@ -340,7 +342,8 @@ def child_merge_check(args) -> dict:
 
 
 def run_tag(args) -> str:
-    return f"{args.shape}-{args.layers or 'all'}-{args.backend}-{'q4' if args.q4 else 'bf16'}-{args.seq}-b{args.batch}x{args.accum}"
+    ckpt = "" if args.checkpointing == "offload" else f"-ckpt{args.checkpointing}"
+    return f"{args.shape}-{args.layers or 'all'}-{args.backend}-{'q4' if args.q4 else 'bf16'}-{args.seq}-b{args.batch}x{args.accum}{ckpt}"
 
 
 def run_child(argv: list[str], log, timeout: int) -> dict:
@@ -363,12 +366,14 @@ def run_child(argv: list[str], log, timeout: int) -> dict:
 
 
 def parse_run(spec: str) -> dict:
-    """shape[/layers]:backend:q4|bf16:seq[:batch x accum], e.g. 30b:unsloth:q4:8192 or 30b/4:trl:bf16:2048:2x8"""
+    """shape[/layers]:backend:q4|bf16:seq[:batch x accum[:offload|on]], e.g. 30b:unsloth:q4:8192 or
+    30b/4:trl:bf16:2048:2x8 or 30b:unsloth:q4:8192:2x8:on (train.gradient_checkpointing)"""
     parts = spec.split(":")
     shape, _, layers = parts[0].partition("/")
     batch, accum = (parts[4].split("x") if len(parts) > 4 else ("2", "8"))
     return {"shape": shape, "layers": int(layers) if layers else None, "backend": parts[1],
-            "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum)}
+            "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum),
+            "checkpointing": parts[5] if len(parts) > 5 else "offload"}
 
 
 def add_plan(r: dict) -> dict:
@@ -380,7 +385,8 @@ def add_plan(r: dict) -> dict:
     full = SHAPES[r["shape"]]["num_hidden_layers"]
     cfg = shape_config(r["shape"], None if r["layers"] == full else r["layers"], VOCAB).to_dict()
     lora, tp = settings_for(SETTINGS_KEY[r["shape"]])
-    tp.update(load_in_4bit=r["load_in_4bit"], max_seq_length=r["seq"], per_device_batch_size=r["batch"])
+    tp.update(load_in_4bit=r["load_in_4bit"], max_seq_length=r["seq"], per_device_batch_size=r["batch"],
+              gradient_checkpointing=r.get("checkpointing", "offload"))
     return {**r, "planned_gib": round(estimate(cfg, lora, tp, r["backend"]).total_gib, 2)}
 
 
@@ -401,7 +407,8 @@ def table(rows: list[dict]) -> str:
         plan = r.get("planned_gib")
         err = f"{(plan - r['peak_gib']) / r['peak_gib']:+.0%}" if plan and r.get("peak_gib") else ""
         lines.append(
-            f"| {r['shape']}-{r['layers']}L | {r['backend']} | {r['load_in_4bit']} | {r['seq']} | {r['batch']}x{r['accum']} | "
+            f"| {r['shape']}-{r['layers']}L | {r['backend']} | {r['load_in_4bit']} | {r['seq']} | {r['batch']}x{r['accum']}"
+            f"{' ckpt on GPU' if r.get('checkpointing') == 'on' else ''} | "
             f"{r['s_per_step']:.2f} | {r['tokens_per_s']:,} | {r['mfu']:.1%} | {gib(r['peak_gib'])} | "
             f"{gib(r['steady_peak_gib'])} | {gib(plan)} | {err} | {' '.join(f'{x:.3f}' for x in r['losses'][:6])} |")
     return "\n".join(lines)
@@ -429,6 +436,7 @@ def main():
     ap.add_argument("--seq", type=int)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accum", type=int, default=8)
+    ap.add_argument("--checkpointing", default="offload", choices=["offload", "on"])
     ap.add_argument("--probe", type=int, default=0)
     ap.add_argument("--report", metavar="JSONL", help="only print the table of an earlier run's results")
     args = ap.parse_args()
@@ -457,7 +465,7 @@ def main():
     runs = [parse_run(r) for r in args.runs.split(",") if r]
     if args.merge_check:
         runs.insert(0, {"shape": "30b", "layers": 4, "backend": "unsloth", "q4": False, "seq": 2048, "batch": 2,
-                        "accum": 4, "probe": 1})
+                        "accum": 4, "probe": 1, "checkpointing": "offload"})
     rows, built = [], set()
     for run in runs:
         key = (run["shape"], run["layers"])
@@ -470,7 +478,7 @@ def main():
                 continue
         argv = ["--child", "train", "--shape", run["shape"], *layers, "--backend", run["backend"],
                 "--q4", str(int(run["q4"])), "--seq", str(run["seq"]), "--batch", str(run["batch"]),
-                "--accum", str(run["accum"]), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--accum", str(run["accum"]), "--checkpointing", run["checkpointing"], "--steps", str(args.steps), "--warmup", str(args.warmup),
                 "--probe", str(run.get("probe", 0)), *common]
         r = run_child(argv, log, args.timeout)
         if "tag" not in r:

@@ -103,7 +103,8 @@ def load_unsloth(base_dir, lora: dict, train_params: dict):
         lora_dropout=lora["dropout"],
         target_modules=list(lora["target_modules"]),
         bias="none",
-        use_gradient_checkpointing="unsloth",
+        # "unsloth": checkpoints offloaded to CPU memory; True: kept on the GPU (no transfers)
+        use_gradient_checkpointing="unsloth" if train_params.get("gradient_checkpointing", "offload") == "offload" else True,
         random_state=train_params["seed"],
         use_rslora=lora["use_rslora"],
         max_seq_length=train_params["max_seq_length"],

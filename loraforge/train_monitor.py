@@ -28,8 +28,9 @@ KEEP_CHECKPOINTS = 2
 # What transformers writes into a checkpoint; trainer_state.json comes last, so a checkpoint
 # killed while saving lacks it and is skipped.
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
-# Settings that do not change what is trained (when a checkpoint is taken, how often eval runs).
-NOT_FINGERPRINTED = ("save_steps", "eval_steps")
+# Settings that do not change what is trained (when a checkpoint is taken, how often eval runs,
+# where the checkpointed activations live).
+NOT_FINGERPRINTED = ("save_steps", "eval_steps", "gradient_checkpointing")
 
 
 def _file_digest(path: str | Path) -> str:

@@ -40,6 +40,9 @@ ACTIVATION_BYTES = {
     ("trl", False): (5.5, 1.1),
     ("trl", True): (2.2, 0.0),
 }
+# gradient_checkpointing: on (Unsloth): each layer's checkpointed bf16 hidden state stays on the
+# GPU instead of CPU memory: 2 more bytes per layer x hidden per token (TRL keeps them there anyway).
+ON_GPU_CHECKPOINT_BYTES = 2.0
 # CUDA context, allocator slack, workspace (cuBLAS, Triton autotune).
 FIXED_BYTES = 0.75 * GIB
 DENSE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -132,6 +135,8 @@ def estimate(cfg: dict, lora: dict, train: dict, backend: str) -> VramPlan:
         weights = 2.0 * (linear + experts + embed_head + norms)
     trainable = trainable_parameters(cfg, lora, backend)
     per_layer, per_vocab = ACTIVATION_BYTES[(backend, bool(s["experts"]))]
+    if backend == "unsloth" and train.get("gradient_checkpointing", "offload") == "on":
+        per_layer += ON_GPU_CHECKPOINT_BYTES
     tokens = int(train["per_device_batch_size"]) * int(train["max_seq_length"])
     activations = tokens * (per_layer * s["layers"] * s["hidden"] + per_vocab * s["vocab"])
     return VramPlan(float(weights), float(trainable * LORA_STATE_BYTES), float(activations), float(FIXED_BYTES),

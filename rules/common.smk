@@ -46,8 +46,9 @@ def settings(model):
 
 def tracked_train_settings(model):
     """The train settings that decide the adapter, for train_adapter's params (a change retrains).
-    save_steps and eval_steps only decide when checkpoints and evaluations happen: the script
-    reads them from the config, so changing them never makes an adapter stale."""
+    save_steps, eval_steps and gradient_checkpointing only decide when checkpoints and
+    evaluations happen and where activations live: the script reads them from the config, so
+    changing them never makes an adapter stale."""
     return {
         k: v for k, v in settings(model)["train"].items() if k not in NOT_FINGERPRINTED
     }

@@ -3,8 +3,9 @@
 trained with recorded inside (loraforge.training_record, for the adapter guard).
 
     input:  base (ancient), train, validation (JSONL)
-    params: base_dir, lora, train (the model's settings that decide the adapter; save_steps and
-            eval_steps are read from the config: changing them never retrains)
+    params: base_dir, lora, train (the model's settings that decide the adapter; save_steps,
+            eval_steps and gradient_checkpointing are read from the config: changing them
+            never retrains)
     output: adapter (folder), metrics (JSON), loss_csv, loss_png (all three in one folder)
     log:    one file
 """
