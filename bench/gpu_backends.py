@@ -100,7 +100,8 @@ def make_inputs(work: Path) -> tuple[Path, Path, Path]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loraforge.base import CHATML_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+    from loraforge.base import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+    from loraforge.constants import CHATML_JINJA_TEMPLATE
 
     tok_dir, data = work / "tokenizer", work / "data"
     if (data / "validation.jsonl").exists():
@@ -113,7 +114,7 @@ def make_inputs(work: Path) -> tuple[Path, Path, Path]:
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=SPECIAL_TOKENS,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    tok.chat_template = CHATML_TEMPLATE
+    tok.chat_template = CHATML_JINJA_TEMPLATE
     tok.save_pretrained(tok_dir)
     data.mkdir(parents=True, exist_ok=True)
     # 12 passes over the shipped samples, each message tagged with its pass so no two are equal

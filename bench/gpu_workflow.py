@@ -65,7 +65,18 @@ def build_model(layers: int, models: Path, work: Path) -> Path:
                               vocab=151936, cpu_smoke=False)
     info = child_build(args)
     print("model", json.dumps(info), flush=True)
-    return Path(info["dir"])
+    model = Path(info["dir"])
+    # The export needs a tokenizer llama.cpp's converter knows: the tiny models' SentencePiece
+    # tokenizer (the converter hooks handle it); a freshly trained byte-level BPE has a
+    # pre-tokenizer hash the converter refuses ("BPE pre-tokenizer was not recognized").
+    if not (model / "tokenizer.model").exists():
+        from loraforge.base import read_corpus, train_tokenizer
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                     "vocab.json", "merges.txt"):
+            (model / name).unlink(missing_ok=True)
+        train_tokenizer(read_corpus([ROOT / "data" / "corpus"]), model, vocab_size=2048)
+    return model
 
 
 def write_config(workdir: Path, base: Path, seq: int, steps: int, backend: str) -> dict:
@@ -108,13 +119,17 @@ def main():
     build_s = time.time() - t0
     write_config(workdir, base, args.seq, args.steps, args.backend)
 
+    # the export rules ask for 2 threads (config resources); give them the machine's cores
+    threads = [f"{rule}={args.cores}" for rule in ("convert_gguf", "quantize_gguf")]
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--workflow-profile", str(ROOT / "profiles" / "default"), "--cores", str(args.cores), args.target]
+           "--workflow-profile", str(ROOT / "profiles" / "default"), "--cores", str(args.cores),
+           "--set-threads", *threads, "--", args.target]
     print("$", " ".join(cmd), flush=True)
     t1 = time.time()
-    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(out / "snakemake.log", "w") as log:  # streamed: a run cut off by a time limit keeps its log
+        run = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     wall = time.time() - t1
-    (out / "snakemake.log").write_text(run.stdout)
+    run.stdout = (out / "snakemake.log").read_text()
     print(run.stdout[-6000:], flush=True)
     for log in (workdir / "logs").rglob("*.log"):
         dest = out / "logs" / log.relative_to(workdir / "logs")

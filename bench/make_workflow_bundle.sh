@@ -16,7 +16,8 @@ out=$(readlink -f "${1:?usage: make_workflow_bundle.sh OUT.tar.xz}")
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 pin() { grep -E "^$1==" requirements.txt | head -1; }
 pkgs=("$(pin 'snakemake\[reports\]' | sed 's/\[reports\]//')" "$(pin jsonschema)" "$(pin pandas)" "$(pin matplotlib)"
-      "$(pin gguf)" "$(pin sentencepiece)" "$(pin PyYAML)" "$(pin tqdm)")
+      "$(pin gguf)" "$(pin sentencepiece)" "$(pin PyYAML)" "$(pin tqdm)"
+      diskcache==5.6.3)  # llama_cpp imports it
 download() {
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
@@ -31,12 +32,14 @@ for w in "$work"/whl/*.whl; do python3 -m zipfile -e "$w" "$work/site"; done
 rm -rf "$work"/site/numpy "$work"/site/numpy.libs "$work"/site/numpy-*.dist-info "$work/site/bin" \
        "$work/site/pulp/solverdir" "$work/site/matplotlib/mpl-data/sample_data" \
        "$work/site/matplotlib/mpl-data/fonts/afm" "$work/site/matplotlib/mpl-data/fonts/pdfcorefonts"
-find "$work/site/matplotlib/mpl-data/fonts/ttf" -type f ! -name 'DejaVuSans.ttf' ! -name 'DejaVuSans-Bold.ttf' -delete
+find "$work/site/matplotlib/mpl-data/fonts/ttf" -type f ! -name 'DejaVuSans.ttf' ! -name 'DejaVuSans-Bold.ttf' ! -name 'LastResort*' -delete  # LastResort: matplotlib's fallback
 find "$work/site" -type d \( -name tests -o -name __pycache__ \) -prune -exec rm -rf {} +
 # llama.cpp: this checkout's build (the quantizer the workflow calls), without the CLI tools
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp -r "$site/llama_cpp" "$work/site/llama_cpp"
 rm -rf "$work/site/llama_cpp/__pycache__"
+# its OpenMP runtime too (the image may lack libgomp; the libraries' RUNPATH is $ORIGIN)
+cp "$(ldd "$site/llama_cpp/lib/libggml-cpu.so" | awk '/libgomp/ {print $3}')" "$work/site/llama_cpp/lib/"
 find "$work/site" -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
 tar cf - -C "$work/site" . | xz -T0 -6 > "$out"
 echo "$out: $(du -h "$out" | cut -f1)"

@@ -201,7 +201,7 @@ def train(
         logging_first_step=True,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        save_total_limit=KEEP_CHECKPOINTS,
+        save_total_limit=train_params.get("keep_checkpoints", KEEP_CHECKPOINTS),
         eval_strategy="steps" if eval_steps and eval_ds is not None else "no",
         eval_steps=eval_steps or None,
         report_to="none",

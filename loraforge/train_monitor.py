@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 FINGERPRINT_FILE = "fingerprint.json"
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 2  # train.keep_checkpoints default
 # What transformers writes into a checkpoint; trainer_state.json comes last, so a checkpoint
 # killed while saving lacks it and is skipped.
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
 # Settings that do not change what is trained (when a checkpoint is taken, how often eval runs,
 # where the checkpointed activations live).
-NOT_FINGERPRINTED = ("save_steps", "eval_steps", "gradient_checkpointing")
+NOT_FINGERPRINTED = ("save_steps", "eval_steps", "keep_checkpoints", "gradient_checkpointing")
 
 
 def _file_digest(path: str | Path) -> str:

@@ -391,6 +391,32 @@ def test_the_articles_scenario_with_estimated_sizes():
     assert p.peak / GiB == pytest.approx(71.4, abs=1.0)
 
 
+def test_training_checkpoints_count_and_keeping_one_is_offered():
+    """The article's 30B trains next to its 57 GB base: with checkpoints every save_steps (one is
+    the fp32 adapter plus Adam's two moments, ~11 GiB) and the default keep of 2, three exist
+    for a moment, which alone pushes the training step past the 95 GB quota; keeping one fits."""
+    shards, other = S.model_folder_bytes(QWEN3_30B)
+    layout = ModelLayout("30b", "results/30b/base", shards, other, {t: S.gguf_bytes(QWEN3_30B, t) for t in ("Q8_0", "Q4_K_M", "Q5_K_M")})
+    r = "results/30b"
+    adapter = S.lora_adapter_bytes(QWEN3_30B)  # fp32, as PEFT saves it
+    sizes = {f"{r}/base": layout.base_bytes, f"{r}/adapter": adapter, **{f"{r}/{t}.gguf": b for t, b in layout.gguf.items()}}
+    one = S.training_checkpoint_bytes(adapter)
+    assert one == 3 * adapter + 64 * 1024
+    quota = S.parse_size("95GB")
+    plain = Planner(chain(), sizes, merge_mode="consume", layouts={"30b": layout}).plan()
+    ckpt = Planner(chain(), sizes, merge_mode="consume", layouts={"30b": layout}, checkpoints={f"{r}/adapter": (one, 2)}).plan()
+    train_events = [e for e in ckpt.events if e.rule == "train_adapter" and "checkpoints" in e.event]
+    assert len(train_events) == 1 and train_events[0].used == layout.base_bytes + adapter + 3 * one
+    assert ckpt.peak == train_events[0].used > quota > plain.peak
+    assert ckpt.peak_event.rule == "train_adapter"
+    with pytest.raises(PlanError) as err:
+        check(ckpt, quota)
+    alts = {a.name: a for a in err.value.alternatives}
+    assert alts["one training checkpoint"].fits
+    assert alts["one training checkpoint"].peak == layout.base_bytes + adapter + 2 * one
+    assert "train.keep_checkpoints: 1" in str(err.value)
+
+
 def test_the_last_quantize_frees_the_intermediate_in_consume_mode():
     """With the tensors known (the architecture), consume mode's last quantize job frees the
     Q8_0 as its output grows: the peak is no longer Q8_0 + both quants at its end but the

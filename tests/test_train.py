@@ -272,6 +272,15 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tin
     assert not (tmp_path / "run" / "adapter").exists()  # nothing looks like a finished adapter
     assert complete_checkpoints(checkpoints)[-1].name in ("checkpoint-1", "checkpoint-2", "checkpoint-3")
     assert len(complete_checkpoints(checkpoints)) <= 2  # the last 2 are kept
+    # the disk plan's size of one checkpoint (fp32 adapter + Adam's two moments + small files)
+    from loraforge import sizes as S
+    from loraforge.fileio import read_hf_config
+
+    newest = complete_checkpoints(checkpoints)[-1]
+    measured = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    lora = args["lora"]
+    planned = S.training_checkpoint_bytes(S.lora_adapter_bytes(read_hf_config(args["base"]), lora["r"], lora["target_modules"]))
+    assert 0.8 < measured / planned < 1.2, (measured, planned, sorted(f.name for f in newest.rglob("*")))
 
     metrics, log = _finish(_spawn(args))
     resumed = metrics["resumed_from_step"]

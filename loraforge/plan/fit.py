@@ -34,6 +34,10 @@ def alternatives(plan: Plan, quota: int | None = None, free: int | None = None) 
         options.append(("Q8_0 intermediate", "set export.intermediate: Q8_0 (snakemake --config 'export={intermediate: Q8_0}'): "
                         "quantize from Q8_0 instead of F16/BF16",
                         lambda p: p.with_intermediate("Q8_0")))
+    if any(keep > 1 for _, keep in P.checkpoints.values()):
+        options.append(("one training checkpoint", "set train.keep_checkpoints: 1 (a rerun still resumes from the "
+                        "latest checkpoint; two exist for a moment while the next is written)",
+                        lambda p: p.replace(checkpoints={k: (one, 1) for k, (one, _) in p.checkpoints.items()})))
     one_quant = len(P.quant_steps()) > 1
     results: list[Alternative] = []
 

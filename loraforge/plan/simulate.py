@@ -55,6 +55,9 @@ class Planner:
     # False when a model of the run merges from the user's own `path:` folder, which is never
     # consumed: consume mode is then no alternative to offer
     consumable: bool = True
+    # adapter path -> (bytes of one training checkpoint, checkpoints kept): the Trainer writes a
+    # new checkpoint before it drops the oldest, so keep + 1 exist at once while training
+    checkpoints: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.merge_mode not in MERGE_MODES:
@@ -196,6 +199,10 @@ class Planner:
                 for p in s.outputs:
                     sim.add(p, self.size_of(s, p), "write")
                     wrote = True
+                for p in s.outputs:
+                    if p in self.checkpoints:
+                        one, keep = self.checkpoints[p]
+                        sim.transient((keep + 1) * one, f"{keep + 1} checkpoints while training (removed at the end)")
                 if not wrote:
                     sim.emit(k, s, "done", "", 0)
             done.add(i)

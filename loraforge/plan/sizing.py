@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -69,6 +69,11 @@ def _targets_of(config: Mapping, key: str, results_dir: str) -> set[str] | None:
     return None
 
 
+def _train_setting(config: Mapping, key: str, name: str, default: int) -> int:
+    train = {**((config.get("defaults") or {}).get("train") or {}), **(_model_cfg(config, key).get("train") or {})}
+    return int(train.get(name, default) or 0)
+
+
 def _lora_rank(config: Mapping, key: str) -> int:
     lora = {**((config.get("defaults") or {}).get("lora") or {}), **(_model_cfg(config, key).get("lora") or {})}
     return int(lora.get("r", 16))
@@ -82,6 +87,9 @@ class RunInputs:
     background: int
     merge_mode: str
     notes: list[str]
+    # adapter path -> (bytes of one training checkpoint, checkpoints kept): train_adapter holds
+    # keep + 1 of them at once while it runs, removed once the adapter is in place
+    checkpoints: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_DIR) -> RunInputs:
@@ -160,7 +168,27 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
             existing[p] = total
             sizes[p] = total
     total_results, _ = S.measure([results_dir], seen)  # what no step touches
-    return RunInputs(sizes, existing, layouts, total_results, merge_mode, notes)
+    return RunInputs(sizes, existing, layouts, total_results, merge_mode, notes,
+                     _training_checkpoints(steps, config, archs, results_dir))
+
+
+def _training_checkpoints(steps: list[Step], config: Mapping, archs: Mapping, results_dir: str) -> dict[str, tuple[int, int]]:
+    """train_adapter's checkpoints (every train.save_steps, train.keep_checkpoints kept, deleted
+    once the adapter is in place), by adapter path: for the 30B MoE (a ~4 GiB fp32 adapter) one
+    checkpoint is ~11 GiB and three exist at once with the default keep of 2."""
+    from loraforge.train_monitor import KEEP_CHECKPOINTS
+
+    found = {}
+    for s in steps:
+        key, arch = s.model or "", archs.get(s.model or "")
+        if s.rule != "train_adapter" or arch is None or not _train_setting(config, key, "save_steps", 0):
+            continue
+        adapter = next((p for p in s.outputs if os.path.basename(p) == "adapter"), None)
+        if adapter:
+            fp32 = S.lora_adapter_bytes(arch, _lora_rank(config, key), _targets_of(config, key, results_dir))
+            found[adapter] = (S.training_checkpoint_bytes(fp32),
+                              _train_setting(config, key, "keep_checkpoints", KEEP_CHECKPOINTS))
+    return found
 
 
 def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample_bytes: int, results_dir: str) -> int:
@@ -210,7 +238,7 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
     users_bases = {m for m, cfg in (config.get("models") or {}).items() if "path" in (cfg.get("base") or {})}
     planner = Planner(steps, ri.sizes, ri.existing, "link", ri.layouts, results_dir,
                       background=max(0, ri.background),
-                      consumable=not any(s.model in users_bases for s in steps))
+                      consumable=not any(s.model in users_bases for s in steps), checkpoints=ri.checkpoints)
     mode = merge_mode or ri.merge_mode
     if mode == "auto":
         plan, reason = _choose_merge_mode(planner, quota_bytes, free_now)

@@ -47,6 +47,7 @@ from loraforge.sizes.checkpoint import (
     shard_layout,
     tensor_shapes,
     tokenizer_files_bytes,
+    training_checkpoint_bytes,
 )
 from loraforge.sizes.gguf_sizes import (
     GGUF_ALIGNMENT,
@@ -70,5 +71,5 @@ __all__ = [
     "ftype_name", "ggml_nbytes", "gguf_bytes", "gguf_metadata_bytes", "gguf_name", "gguf_tensor_types",
     "gguf_tensors", "human", "index_json_bytes", "is_targeted", "lora_adapter_bytes", "measure",
     "model_folder_bytes", "parameter_count", "parse_size", "path_bytes", "read_base_shards",
-    "safetensors_bytes", "shard_layout", "tensor_shapes", "tokenizer_files_bytes", "tokenizer_metadata_bytes",
+    "safetensors_bytes", "shard_layout", "tensor_shapes", "tokenizer_files_bytes", "tokenizer_metadata_bytes", "training_checkpoint_bytes",
 ]

@@ -216,6 +216,12 @@ def model_folder_bytes(hf_config: Mapping | Arch, max_shard_bytes: int = DEFAULT
     return shards, other
 
 
+def training_checkpoint_bytes(adapter_fp32_bytes: int) -> int:
+    """One Trainer checkpoint of a LoRA run: the adapter (fp32), Adam's two fp32 moments (twice
+    the adapter) in optimizer.pt, and small state files (scheduler, RNG, trainer state)."""
+    return 3 * adapter_fp32_bytes + 64 * 1024
+
+
 def lora_adapter_bytes(hf_config: Mapping | Arch, r: int = 16, targets: Iterable[str] | None = None,
                        dtype: str = "float32") -> int:
     """adapter_model.safetensors of a LoRA of rank r: A [r, in] and B [out, r] per targeted
