@@ -30,6 +30,13 @@ KEEP_CHECKPOINTS = 2
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
 # Settings that do not change what is trained (when a checkpoint is taken, how often eval runs).
 NOT_FINGERPRINTED = ("save_steps", "eval_steps")
+# Settings that do not change what the adapter is, so changing them never retrains: the above, and
+# train.gpus (the same effective batch, learning-rate schedule and number of optimizer steps on any
+# number of GPUs: each optimizer step averages the gradient over the same number of samples; only
+# the float summation order and which samples share a step differ). A checkpoint, though, resumes
+# only with the gpus it was made with (it holds per-process RNG states and a data position counted
+# in per-process batches), so gpus stays in the checkpoint fingerprint.
+NOT_RECORDED = NOT_FINGERPRINTED + ("gpus",)
 
 
 def _file_digest(path: str | Path) -> str:
