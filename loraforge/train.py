@@ -157,8 +157,8 @@ def train(
     from loraforge.lora_targets import check_target_modules
     from loraforge.tokenizer import load_tokenizer
     from loraforge.train_monitor import (
-        CHECKPOINTS_DIRNAME, KEEP_CHECKPOINTS, TokenCounter, complete_checkpoints, eval_trend, fingerprint,
-        prepare_checkpoints, progress_callback,
+        CHECKPOINTS_DIRNAME, KEEP_CHECKPOINTS, StepClock, TokenCounter, complete_checkpoints, eval_trend,
+        fingerprint, prepare_checkpoints, progress_callback,
     )
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -180,7 +180,7 @@ def train(
     else:
         # the launcher prepared the folders and the checkpoints before starting the processes:
         # here they are only read, so no rank deletes what another is about to resume from
-        complete = complete_checkpoints(checkpoints)
+        complete = complete_checkpoints(checkpoints, world)
         resume_from = complete[-1] if complete else None
     log.info("training backend: %s (train.backend: %s)%s", backend, train_params.get("backend", "auto"),
              f", {world} data-parallel processes x {accumulation} accumulation steps" if world > 1 else "")
@@ -230,6 +230,8 @@ def train(
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
     trainer.add_callback(progress_callback())
+    clock = StepClock()
+    trainer.add_callback(clock.callback)
     counter = TokenCounter(trainer.data_collator, trainer.model)
     trainer.data_collator = counter
 
@@ -276,6 +278,8 @@ def train(
         "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else None,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(steps, 1), 3),
+        # after the first steps of this process (compilation, autotuning): what compares runs
+        "seconds_per_step_steady": round(clock.steady_seconds_per_step(), 3) if clock.steady_seconds_per_step() else None,
         "train_tokens": train_tokens,
         "tokens_per_second": round(train_tokens / seconds, 1) if seconds > 0 else None,
         "peak_gpu_memory_gib": round(max(peaks_gpu), 3) if peak_gpu is not None else None,

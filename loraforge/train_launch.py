@@ -100,6 +100,23 @@ def process_environment(gpus: int, threads: int) -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; a no-op elsewhere). The
+    launcher, torchrun and the N processes form a chain: a training job killed by a scheduler or by
+    hand takes all of them with it, so no orphaned rank goes on to write an adapter behind a rerun."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl: do what it would have done
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_training(base_dir, train_jsonl, validation_jsonl, adapter_dir, out_dir, lora: dict, train_params: dict,
                  record: dict | None = None, threads: int = 1) -> dict:
     """Train as the config says: one process, or train.gpus data-parallel processes. Returns metrics."""
@@ -143,7 +160,7 @@ def run_training(base_dir, train_jsonl, validation_jsonl, adapter_dir, out_dir, 
     tail: deque[str] = deque(maxlen=40)
     # the processes' output goes to the rule log line by line (progress included)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=process_environment(gpus, threads)) as proc:
+                          env=process_environment(gpus, threads), preexec_fn=die_with_parent) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -165,6 +182,7 @@ def worker_main(launch_file: str) -> int:
     """One of the N processes torchrun starts: train with the launcher's arguments."""
     from loraforge.distributed import rank
 
+    die_with_parent()  # torchrun's worker: gone when torchrun is
     me = rank()
     logging.basicConfig(
         level=logging.INFO if me == 0 else logging.WARNING,  # one progress report, not N
