@@ -172,6 +172,8 @@ def train(
     accumulation = distributed.per_process_accumulation(train_params, world)
     partial = adapter_dir.with_name(adapter_dir.name + ".partial")
     on_gpu = torch.cuda.is_available()
+    if on_gpu and world > 1:
+        torch.cuda.set_device(distributed.local_rank())  # this process's GPU, before anything lands on cuda:0
     checkpoints = out_dir / CHECKPOINTS_DIRNAME
     if world == 1:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,7 @@ def tracked_train_settings(model):
     save_steps and eval_steps only decide when checkpoints and evaluations happen, gpus how many
     processes share each optimizer step's batch: the script reads them from the config, so
     changing them never makes an adapter stale."""
-    return {
-        k: v for k, v in settings(model)["train"].items() if k not in NOT_RECORDED
-    }
+    return {k: v for k, v in settings(model)["train"].items() if k not in NOT_RECORDED}
 
 
 def base_dir(model):
