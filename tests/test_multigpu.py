@@ -314,3 +314,35 @@ def test_two_processes_killed_mid_run_resume_to_the_same_adapter(ddp_pair, tiny_
     assert max_abs_diff(resumed, _adapter(workdir / "results" / "tiny-two" / "adapter")) <= ADAPTER_TOLERANCE
     assert max_abs_diff(resumed, _adapter(workdir / "results" / "tiny-one" / "adapter")) <= ADAPTER_TOLERANCE
     assert not checkpoints.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the scaling benchmark's arguments and arithmetic (its runs need GPUs; --cpu-smoke runs it on CPU)
+
+
+def _bench():
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_scaling
+
+    return gpu_scaling
+
+
+def test_scaling_bench_keeps_the_effective_batch_and_computes_efficiency():
+    bench = _bench()
+    args = bench.parse_args(["--shapes", "8b,30b", "--gpus", "1,2"])
+    assert (args.batch, args.accum, args.seq, args.vocab) == (2, 8, 8192, 151936)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--gpus", "1,3"])  # 8 accumulation steps cannot be split over 3 GPUs
+    smoke = bench.parse_args(["--cpu-smoke"])
+    assert smoke.shapes == "tiny" and smoke.accum == 2 and smoke.seq <= 256
+
+    row = {"shape": "8b", "layers": 36, "backend": "unsloth", "load_in_4bit": True, "seq": 8192, "batch": 2,
+           "accum": 8, "s_per_step": 16.0, "peak_gib_per_gpu": [9.3], "planned_gib_per_gpu": 9.3}
+    one = {**row, "gpus": 1, "accum_per_process": 8, "tokens_per_s": 8000}
+    two = {**row, "gpus": 2, "accum_per_process": 4, "tokens_per_s": 14400, "s_per_step": 8.9,
+           "peak_gib_per_gpu": [9.5, 9.4]}
+    scaled = {r["gpus"]: r for r in bench.with_scaling([one, two])}
+    assert scaled[2]["speedup"] == pytest.approx(1.8) and scaled[2]["efficiency"] == pytest.approx(0.9)
+    assert scaled[1]["efficiency"] == 1.0
+    table = bench.table([one, two])
+    assert "| 2 | 2 x 4 x 2 |" in table and "1.80x" in table and "90%" in table and "9.5 / 9.4" in table
