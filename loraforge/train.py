@@ -55,6 +55,16 @@ def _trainer_class():
             inputs = {**inputs, "use_cache": False}
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # Resuming N CPU processes (gloo): transformers 5.17 loads the optimizer state with
+            # map_location=args.device when world_size > 1, which is "cpu:0" there, and torch.load
+            # cannot restore that location. Load it on the CPU, as it does for one process.
+            if checkpoint is None or self.args.world_size == 1:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu",
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
     return PortableSFTTrainer
 
 
