@@ -100,7 +100,8 @@ def make_inputs(work: Path) -> tuple[Path, Path, Path]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loraforge.base import CHATML_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+    from loraforge.base import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+    from loraforge.constants import CHATML_JINJA_TEMPLATE as CHATML_TEMPLATE
 
     tok_dir, data = work / "tokenizer", work / "data"
     if (data / "validation.jsonl").exists():
@@ -195,7 +196,7 @@ class StepTimer:
 def probe_ids(tok_dir: Path, n: int = 256):
     import torch
 
-    from loraforge.base import load_tokenizer
+    from loraforge.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     text = json.loads((ROOT / "data/rails_chat.jsonl").read_text().splitlines()[0])["messages"]
