@@ -196,7 +196,7 @@ class StepTimer:
 def probe_ids(tok_dir: Path, n: int = 256):
     import torch
 
-    from loraforge.base import load_tokenizer
+    from loraforge.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     text = json.loads((ROOT / "data/rails_chat.jsonl").read_text().splitlines()[0])["messages"]

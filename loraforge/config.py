@@ -127,8 +127,32 @@ def _check_semantics(config: dict) -> None:
                 f"models.{key}.lora.dropout: {settings['lora']['dropout']} must be 0 for a MoE model: PEFT's "
                 "lora.ParamWrapper (expert LoRA) refuses dropout != 0, so training would crash hours in"
             )
+    problems += _gpus_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _gpus_problems(config: dict) -> list[str]:
+    """train.gpus must divide gradient_accumulation_steps (same effective batch on any number of
+    GPUs), and a gpu resource declared for train_adapter must be the gpus the training launches."""
+    from loraforge.distributed import DistributedConfigError, accumulation_per_process
+    from loraforge.resources import declared_resource
+
+    problems = []
+    for key in config["models"]:
+        train = model_settings(config, key)["train"]
+        gpus = int(train.get("gpus", 1))
+        try:
+            accumulation_per_process(int(train["gradient_accumulation_steps"]), gpus, field=f"models.{key}.train")
+        except DistributedConfigError as e:
+            problems.append(str(e))
+        declared, where = declared_resource(config, "train_adapter", "gpu", key)
+        if gpus > 1 and declared is not None and int(declared) != gpus:
+            problems.append(
+                f"{where}: {declared} GPUs, but models.{key}.train.gpus is {gpus}: the training job runs one process "
+                f"per GPU and requests train.gpus GPUs itself; set it to {gpus} or remove it"
+            )
+    return problems
 
 
 def check_paths(config: dict, root: str | Path = ".") -> None:

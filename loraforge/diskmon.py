@@ -37,7 +37,8 @@ class DiskSampler:
 
     def __init__(self, paths: Iterable[str | os.PathLike], tsv_path: str | os.PathLike | None = None,
                  interval: float = 0.05, min_interval: float = 0.005, clock=time.monotonic):
-        self.paths = [str(p) for p in paths]
+        # once each: two models may share one base folder (one TSV column per path)
+        self.paths = list(dict.fromkeys(str(p) for p in paths))
         if not self.paths:
             raise ValueError("DiskSampler needs at least one path")
         self.tsv_path = Path(tsv_path) if tsv_path is not None else None

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 from loraforge import sizes as S
 
 # the names a rule may declare; threads is Snakemake's `threads:`, the rest are `resources:`
-INT_RESOURCES = ("mem_mb", "disk_mb", "runtime", "gpu")
+INT_RESOURCES = ("mem_mb", "disk_mb", "runtime", "gpu", "nodes")
 STR_RESOURCES = ("gpu_model", "gpu_manufacturer", "slurm_partition", "slurm_account", "constraint",
                  "qos", "slurm_extra")
 RESOURCE_NAMES = INT_RESOURCES + STR_RESOURCES
@@ -61,17 +61,50 @@ def _default(config: Mapping, name: str):
     return ((config.get("resources") or {}).get("default") or {}).get(name)
 
 
+def declared_resource(config: Mapping, rule: str, name: str, model: str | None = None) -> tuple[Any, str | None]:
+    """(value, the config field that sets it) of a resource as config.yaml declares it, or (None, None)."""
+    fields = ([f"models.{model}.resources.{rule}", f"models.{model}.resources.default"] if model else ["", ""])
+    fields.append(f"resources.{rule}")
+    for field, layer in zip(fields, _layers(config, model, rule)):
+        if layer.get(name) is not None:
+            return layer[name], f"{field}.{name}"
+    if _default(config, name) is not None:
+        return _default(config, name), f"resources.default.{name}"
+    return None, None
+
+
+def train_gpus(config: Mapping, model: str | None) -> int:
+    """The model's train.gpus (1 when unset): the data-parallel processes its training launches."""
+    if model is None:
+        return 1
+    own = (((config.get("models") or {}).get(model) or {}).get("train") or {}).get("gpus")
+    if own is None:
+        own = ((config.get("defaults") or {}).get("train") or {}).get("gpus")
+    return int(own or 1)
+
+
 def threads(config: Mapping, rule: str, model: str | None = None) -> int:
-    """CPU threads of a job of `rule` (1 when nothing sets it)."""
+    """CPU threads of a job of `rule` (1 when nothing sets it); a training over train.gpus
+    processes gets at least one thread per process (each drives its GPU from its own Python loop)."""
+    value = None
     for layer in _layers(config, model, rule):
         if layer.get("threads") is not None:
-            return int(layer["threads"])
-    return int(_default(config, "threads") or 1)
+            value = int(layer["threads"])
+            break
+    if value is None:
+        value = int(_default(config, "threads") or 1)
+    if rule == "train_adapter":
+        value = max(value, train_gpus(config, model))
+    return value
 
 
 def resource(config: Mapping, rule: str, name: str, model: str | None = None,
              inputs: Iterable[str] = (), wildcards: Mapping | None = None):
     """The value of one resource of a job, or None when it is not declared."""
+    if rule == "train_adapter" and name in ("gpu", "nodes") and train_gpus(config, model) > 1:
+        # data-parallel over train.gpus GPUs of one host (the config check refuses another
+        # declared gpu count); nodes: 1 keeps a scheduler from spreading the GPUs over hosts
+        return train_gpus(config, model) if name == "gpu" else 1
     for layer in _layers(config, model, rule):
         if layer.get(name) is not None:
             return layer[name]

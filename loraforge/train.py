@@ -55,6 +55,16 @@ def _trainer_class():
             inputs = {**inputs, "use_cache": False}
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # Resuming N CPU processes (gloo): transformers 5.17 loads the optimizer state with
+            # map_location=args.device when world_size > 1, which is "cpu:0" there, and torch.load
+            # cannot restore that location. Load it on the CPU, as it does for one process.
+            if checkpoint is None or self.args.world_size == 1:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu",
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
     return PortableSFTTrainer
 
 
@@ -84,8 +94,14 @@ def load_model(base_dir: str | os.PathLike, load_in_4bit: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from loraforge.distributed import local_rank, world_size
+
     on_gpu = torch.cuda.is_available()
     kwargs = {}
+    if on_gpu and world_size() > 1:
+        # one process per GPU: each loads its replica onto its own card (bitsandbytes-quantized
+        # weights cannot be moved after loading, so this is decided at load time)
+        kwargs["device_map"] = {"": local_rank()}
     if load_in_4bit and on_gpu:
         from transformers import BitsAndBytesConfig
 
@@ -130,7 +146,12 @@ def train(
     """Train a LoRA adapter; writes adapter_dir and out_dir/{loss.csv,loss.png,metrics.json}.
     `record` (loraforge.training_record) is saved in the adapter folder for the adapter guard.
 
-    Checkpoints (out_dir/checkpoints) are resumed by a rerun and removed once the adapter is in place."""
+    Checkpoints (out_dir/checkpoints) are resumed by a rerun and removed once the adapter is in place.
+
+    Run as one of N data-parallel processes (loraforge.train_launch starts them with torchrun), each
+    process accumulates gradient_accumulation_steps / N micro-batches, so the effective batch stays
+    per_device_batch_size x gradient_accumulation_steps; only rank 0 writes the adapter and the reports."""
+    from loraforge import distributed
     from loraforge.train_backends import import_unsloth_first, load_unsloth, resolve_backend, versions
 
     backend = resolve_backend(train_params.get("backend", "auto"))
@@ -146,8 +167,8 @@ def train(
     from loraforge.lora_targets import check_target_modules
     from loraforge.tokenizer import load_tokenizer
     from loraforge.train_monitor import (
-        CHECKPOINTS_DIRNAME, KEEP_CHECKPOINTS, TokenCounter, eval_trend, fingerprint, prepare_checkpoints,
-        progress_callback,
+        CHECKPOINTS_DIRNAME, KEEP_CHECKPOINTS, StepClock, TokenCounter, complete_checkpoints, eval_trend,
+        fingerprint, prepare_checkpoints, progress_callback,
     )
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -157,14 +178,24 @@ def train(
             f"build or fetch it first, e.g. snakemake --cores 1 {base_dir}"
         )
     check_target_modules(lora["target_modules"], base_dir)  # a typo fails now, not after loading
-    out_dir.mkdir(parents=True, exist_ok=True)
+    world, is_main = distributed.world_size(), distributed.is_main_process()
+    accumulation = distributed.per_process_accumulation(train_params, world)
     partial = adapter_dir.with_name(adapter_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     on_gpu = torch.cuda.is_available()
-    log.info("training backend: %s (train.backend: %s)", backend, train_params.get("backend", "auto"))
-
+    if on_gpu and world > 1:
+        torch.cuda.set_device(distributed.local_rank())  # this process's GPU, before anything lands on cuda:0
     checkpoints = out_dir / CHECKPOINTS_DIRNAME
-    resume_from = prepare_checkpoints(checkpoints, fingerprint(base_dir, train_jsonl, lora, train_params, backend))
+    if world == 1:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        resume_from = prepare_checkpoints(checkpoints, fingerprint(base_dir, train_jsonl, lora, train_params, backend))
+    else:
+        # the launcher prepared the folders and the checkpoints before starting the processes:
+        # here they are only read, so no rank deletes what another is about to resume from
+        complete = complete_checkpoints(checkpoints, world)
+        resume_from = complete[-1] if complete else None
+    log.info("training backend: %s (train.backend: %s)%s", backend, train_params.get("backend", "auto"),
+             f", {world} data-parallel processes x {accumulation} accumulation steps" if world > 1 else "")
 
     tokenizer = load_tokenizer(base_dir)
     # LoRA's A matrices are initialised randomly: seed first, so a run is reproducible (the
@@ -188,7 +219,7 @@ def train(
         max_steps=train_params["max_steps"],
         per_device_train_batch_size=train_params["per_device_batch_size"],
         per_device_eval_batch_size=train_params["per_device_batch_size"],
-        gradient_accumulation_steps=train_params["gradient_accumulation_steps"],
+        gradient_accumulation_steps=accumulation,
         learning_rate=train_params["learning_rate"],
         lr_scheduler_type=train_params["lr_scheduler"],
         warmup_steps=train_params["warmup_ratio"],  # TRL 1.x: a float < 1 is a ratio
@@ -207,9 +238,12 @@ def train(
         report_to="none",
         disable_tqdm=True,  # progress goes to the rule log as step/total, s/step, ETA lines
         dataloader_num_workers=0,
+        **distributed.trainer_arguments(backend, world, on_gpu),
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
     trainer.add_callback(progress_callback())
+    clock = StepClock()
+    trainer.add_callback(clock.callback)
     counter = TokenCounter(trainer.data_collator, trainer.model)
     trainer.data_collator = counter
 
@@ -223,6 +257,11 @@ def train(
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     eval_loss = evals[-1] if evals else None
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    # every process counted its own share; these collectives also wait for every rank to finish
+    train_tokens = distributed.sum_over_processes(counter.tokens)
+    peaks_gpu = distributed.gather(peak_gpu)
+    if not is_main:
+        return {"rank": distributed.rank(), "steps": steps}
 
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)  # so the adapter folder is self-contained for PEFT/Unsloth
@@ -251,9 +290,14 @@ def train(
         "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else None,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(steps, 1), 3),
-        "train_tokens": counter.tokens,
-        "tokens_per_second": round(counter.tokens / seconds, 1) if seconds > 0 else None,
-        "peak_gpu_memory_gib": round(peak_gpu, 3) if peak_gpu is not None else None,
+        # after the first steps of this process (compilation, autotuning): what compares runs
+        "seconds_per_step_steady": round(clock.steady_seconds_per_step(), 3) if clock.steady_seconds_per_step() else None,
+        "train_tokens": train_tokens,
+        "tokens_per_second": round(train_tokens / seconds, 1) if seconds > 0 else None,
+        "peak_gpu_memory_gib": round(max(peaks_gpu), 3) if peak_gpu is not None else None,
+        "peak_gpu_memory_gib_per_gpu": [round(p, 3) for p in peaks_gpu] if peak_gpu is not None else None,
+        "processes": world,
+        "gradient_accumulation_steps_per_process": accumulation,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": "cuda" if on_gpu else "cpu",

@@ -29,8 +29,15 @@ KEEP_CHECKPOINTS = 2  # train.keep_checkpoints default
 # killed while saving lacks it and is skipped.
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
 # Settings that do not change what is trained (when a checkpoint is taken, how often eval runs,
-# where the checkpointed activations live).
+# how many are kept, where the checkpointed activations live).
 NOT_FINGERPRINTED = ("save_steps", "eval_steps", "keep_checkpoints", "gradient_checkpointing")
+# Settings that do not change what the adapter is, so changing them never retrains: the above, and
+# train.gpus (the same effective batch, learning-rate schedule and number of optimizer steps on any
+# number of GPUs: each optimizer step averages the gradient over the same number of samples; only
+# the float summation order and which samples share a step differ). A checkpoint, though, resumes
+# only with the gpus it was made with (it holds per-process RNG states and a data position counted
+# in per-process batches), so gpus stays in the checkpoint fingerprint.
+NOT_RECORDED = NOT_FINGERPRINTED + ("gpus",)
 
 
 def _file_digest(path: str | Path) -> str:
@@ -52,12 +59,17 @@ def fingerprint(base_dir, train_jsonl, lora: dict, train_params: dict, backend: 
     }
 
 
-def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """checkpoint-N folders that hold every file a resume needs, oldest first."""
+def complete_checkpoints(checkpoints: Path, processes: int = 1) -> list[Path]:
+    """checkpoint-N folders that hold every file a resume needs, oldest first. A checkpoint of N
+    data-parallel processes also needs each one's RNG state (rng_state_<rank>.pth): each rank
+    writes its own, with no barrier before rank 0 writes trainer_state.json."""
+    wanted = list(CHECKPOINT_FILES)
+    if processes > 1:
+        wanted += [f"rng_state_{r}.pth" for r in range(processes)]
     found = []
     for d in checkpoints.glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and d.is_dir() and all((d / f).exists() for f in CHECKPOINT_FILES):
+        if m and d.is_dir() and all((d / f).exists() for f in wanted):
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
 
@@ -77,7 +89,7 @@ def prepare_checkpoints(checkpoints: Path, expected: dict) -> Path | None:
             shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
     write_json_atomic(recorded_file, expected)
-    complete = complete_checkpoints(checkpoints)
+    complete = complete_checkpoints(checkpoints, int((expected.get("train") or {}).get("gpus", 1)))
     for d in checkpoints.glob("checkpoint-*"):
         if d not in complete:
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", d)
@@ -128,6 +140,44 @@ def progress_callback(min_interval_s: float = 10.0):
             )
 
     return Progress()
+
+
+# Steps left out of the steady s/step (kernel compilation, autotuning, allocator warm-up).
+WARMUP_STEPS = 2
+
+
+class StepClock:
+    """A TrainerCallback's step timestamps (the GPU synchronised, so a step's time is its work):
+    `steady_seconds_per_step()` is the mean step time after the first WARMUP_STEPS of this process,
+    the figure that compares runs (1 vs N GPUs) without the first steps' compilation."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+        self.times: list[float] = []
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.times = [clock._now()]
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.times.append(clock._now())
+
+        self.callback = _Callback()
+
+    @staticmethod
+    def _now() -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def steady_seconds_per_step(self) -> float | None:
+        steps = [b - a for a, b in zip(self.times, self.times[1:])]
+        steady = steps[WARMUP_STEPS:]
+        return sum(steady) / len(steady) if steady else None
 
 
 class TokenCounter:

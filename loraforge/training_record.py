@@ -18,7 +18,7 @@ from typing import Any
 
 from loraforge.config import model_settings
 from loraforge.safetensors_io import SafetensorsFormatError, read_header
-from loraforge.train_monitor import NOT_FINGERPRINTED
+from loraforge.train_monitor import NOT_RECORDED
 
 RECORD_NAME = "lora-forge-training.json"
 DATA_SETTINGS = ("samples", "max_source_share", "contrastive_weight", "validation_fraction", "seed")
@@ -74,7 +74,7 @@ def current_settings(config: dict, model: str, with_base: bool = True) -> dict[s
     declared.pop("path", None)  # where the base lies is no setting; what it is, is (identity)
     out = {
         "lora": settings["lora"],
-        "train": {k: v for k, v in settings["train"].items() if k not in NOT_FINGERPRINTED},
+        "train": {k: v for k, v in settings["train"].items() if k not in NOT_RECORDED},
         "data": {k: config["data"][k] for k in DATA_SETTINGS},
         "base": declared,
         "base_identity": base_identity(base_dir(config, model)) if with_base else None,

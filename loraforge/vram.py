@@ -15,6 +15,11 @@ peak = weights + LoRA training state + activations, with
   activations per micro-batch token: a per-layer part (checkpointed hidden states; Unsloth
               offloads them to the CPU) and a per-vocabulary part (logits, their gradient), with
               coefficients fitted to the H200 runs in bench/h200/ (see ACTIVATION_BYTES).
+  DDP buckets with train.gpus > 1: DistributedDataParallel keeps a flat fp32 copy of every trainable
+              gradient for its all-reduce (trainable parameters x 4 bytes; not yet measured on GPUs).
+
+The plan is per GPU: with `train.gpus: N` every GPU holds a full replica and its own micro-batch
+(data parallelism), and each of the N GPUs must fit it.
 
 Planned vs measured on the H200 (bench/h200/gpu_backends-h200.jsonl): within 15% for every run
 that fitted; see the README's "Training on a GPU"."""
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 * (1 + 4 / 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 LORA_STATE_BYTES = 16  # fp32 weight + grad + Adam exp_avg + exp_avg_sq
+DDP_BUCKET_BYTES = 4  # DistributedDataParallel's fp32 gradient buckets (a copy of the gradients)
 # Activation bytes per micro-batch token: (x layers x hidden, x vocabulary), by (backend, MoE).
 # Fitted to the H200 runs at seq 8192 (bench/h200; 2 runs per backend, so a fit, not a model):
 # Unsloth offloads the checkpointed hidden states to the CPU and chunks the loss (about one bf16
@@ -61,10 +67,13 @@ class VramPlan:
     trainable_parameters: int
     backend: str
     moe: bool = False
+    ddp_buckets: float = 0.0
+    gpus: int = 1
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora_state + self.activations + self.fixed
+        """Bytes on each GPU."""
+        return self.weights + self.lora_state + self.activations + self.fixed + self.ddp_buckets
 
     @property
     def total_gib(self) -> float:
@@ -75,8 +84,10 @@ class VramPlan:
         return {**d, "total_gib": round(self.total_gib, 2)}
 
     def describe(self) -> str:
+        ddp = f" + DDP buckets {self.ddp_buckets / GIB:.1f}" if self.gpus > 1 else ""
+        where = f"; per GPU, on each of {self.gpus} GPUs" if self.gpus > 1 else ""
         return (f"{self.total_gib:.1f} GiB = weights {self.weights / GIB:.1f} + LoRA state {self.lora_state / GIB:.1f} "
-                f"+ activations {self.activations / GIB:.1f} + fixed {self.fixed / GIB:.1f} ({self.backend})")
+                f"+ activations {self.activations / GIB:.1f} + fixed {self.fixed / GIB:.1f}{ddp} ({self.backend}{where})")
 
 
 def _shape(cfg: dict) -> dict:
@@ -139,8 +150,10 @@ def estimate(cfg: dict, lora: dict, train: dict, backend: str) -> VramPlan:
         per_layer += ON_GPU_CHECKPOINT_BYTES
     tokens = int(train["per_device_batch_size"]) * int(train["max_seq_length"])
     activations = tokens * (per_layer * s["layers"] * s["hidden"] + per_vocab * s["vocab"])
+    gpus = int(train.get("gpus", 1))
+    ddp_buckets = trainable * DDP_BUCKET_BYTES if gpus > 1 else 0
     return VramPlan(float(weights), float(trainable * LORA_STATE_BYTES), float(activations), float(FIXED_BYTES),
-                    trainable, backend, bool(s["experts"]))
+                    trainable, backend, bool(s["experts"]), float(ddp_buckets), gpus)
 
 
 def alternatives(cfg: dict, lora: dict, train: dict, backend: str, limit: float) -> list[str]:
@@ -174,26 +187,29 @@ def alternatives(cfg: dict, lora: dict, train: dict, backend: str, limit: float)
     return fits
 
 
-def visible_gpu_memory() -> int | None:
+def visible_gpu_memory(gpus: int = 1) -> int | None:
+    """The memory of the smallest of the first `gpus` visible GPUs (each holds a replica), or None."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            return int(torch.cuda.get_device_properties(0).total_memory)
+            count = min(gpus, torch.cuda.device_count())
+            return min(int(torch.cuda.get_device_properties(i).total_memory) for i in range(count))
     except ImportError:
         pass
     return None
 
 
-def gpu_memory_limit(config: dict) -> tuple[int | None, str]:
-    """(bytes, where from): the config's gpu_memory, else the visible GPU's, else (None, why)."""
+def gpu_memory_limit(config: dict, gpus: int = 1) -> tuple[int | None, str]:
+    """(bytes per GPU, where from): the config's gpu_memory (the memory of each GPU), else the
+    visible GPU's (the smallest of the first `gpus`), else (None, why)."""
     if config.get("gpu_memory") is not None:
         from loraforge.sizes import parse_size
 
         return parse_size(config["gpu_memory"]), "gpu_memory in the config"
-    visible = visible_gpu_memory()
+    visible = visible_gpu_memory(gpus)
     if visible:
-        return visible, "the visible GPU"
+        return visible, "the visible GPU" if gpus == 1 else f"the smallest of the {gpus} visible GPUs"
     return None, "no gpu_memory in the config and no GPU visible"
 
 
@@ -234,11 +250,11 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
 
     if not models:
         return
-    limit, source = gpu_memory_limit(config)
     for key, plan, backend in plan_training(config, models, results_dir):
         if plan is None:
             say(f"VRAM plan of {key}: unknown (no train settings, or no config.json or arch: for its base)")
             continue
+        limit, source = gpu_memory_limit(config, plan.gpus)
         say(f"VRAM plan of {key}: {plan.describe()}")
         train = model_settings(config, key)["train"]
         micro_tokens = train["per_device_batch_size"] * train["max_seq_length"]

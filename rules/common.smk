@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 import loraforge.config as lfconfig
 import loraforge.resources as lfresources
 from loraforge import workflow_hooks
-from loraforge.train_monitor import NOT_FINGERPRINTED
+from loraforge.train_monitor import NOT_RECORDED
 
 try:
     config = lfconfig.validate(config)
@@ -46,12 +46,11 @@ def settings(model):
 
 def tracked_train_settings(model):
     """The train settings that decide the adapter, for train_adapter's params (a change retrains).
-    save_steps, eval_steps and gradient_checkpointing only decide when checkpoints and
-    evaluations happen and where activations live: the script reads them from the config, so
-    changing them never makes an adapter stale."""
-    return {
-        k: v for k, v in settings(model)["train"].items() if k not in NOT_FINGERPRINTED
-    }
+    save_steps, eval_steps, keep_checkpoints and gradient_checkpointing only decide when
+    checkpoints and evaluations happen and where activations live, gpus how many processes share
+    each optimizer step's batch: the script reads them from the config, so changing them never
+    makes an adapter stale."""
+    return {k: v for k, v in settings(model)["train"].items() if k not in NOT_RECORDED}
 
 
 def base_dir(model):

@@ -2,7 +2,9 @@ rule train_adapter:
     """LoRA/QLoRA SFT (Unsloth or TRL + PEFT: train.backend); a rerun after a crash resumes
     from results/{model}/train/checkpoints. The adapter is the expensive artifact: an existing
     one is archived before any retraining, and retraining with unchanged settings needs an
-    explicit `--config retrain=[MODEL]` (see README: Adapter safety)."""
+    explicit `--config retrain=[MODEL]` (see README: Adapter safety). With train.gpus: N it runs
+    N data-parallel processes (torchrun) and requests N GPUs on one node (README: Several GPUs).
+    """
     input:
         base=get_base_for_training,
         train="results/{model}/data/train.jsonl",

@@ -1,11 +1,12 @@
-"""Snakemake rule script for train_adapter: LoRA/QLoRA SFT with TRL + PEFT
-(loraforge.train.train); the adapter folder is written atomically, with the settings it was
+"""Snakemake rule script for train_adapter: LoRA/QLoRA SFT with TRL + PEFT or Unsloth
+(loraforge.train.train), in this process or as train.gpus data-parallel processes started with
+torchrun (loraforge.train_launch); the adapter folder is written atomically, with the settings it was
 trained with recorded inside (loraforge.training_record, for the adapter guard).
 
     input:  base (ancient), train, validation (JSONL)
     params: base_dir, lora, train (the model's settings that decide the adapter; save_steps,
-            eval_steps and gradient_checkpointing are read from the config: changing them
-            never retrains)
+            eval_steps, keep_checkpoints, gradient_checkpointing and gpus are read from the
+            config: changing them never retrains)
     output: adapter (folder), metrics (JSON), loss_csv, loss_png (all three in one folder)
     log:    one file
 """
@@ -16,10 +17,10 @@ import os
 from loraforge import training_record
 from loraforge.config import model_settings
 from loraforge.rulelog import rule_logging
-from loraforge.train import train
+from loraforge.train_launch import run_training
 
 with rule_logging(snakemake):
-    metrics = train(
+    metrics = run_training(
         snakemake.params.base_dir,
         snakemake.input.train,
         snakemake.input.validation,
@@ -29,5 +30,6 @@ with rule_logging(snakemake):
         train_params={**model_settings(snakemake.config, snakemake.wildcards.model)["train"], **snakemake.params.train},
         # read from the config, not params: the record is for the adapter guard, not staleness
         record=training_record.current_settings(snakemake.config, snakemake.wildcards.model),
+        threads=snakemake.threads,  # shared out among the train.gpus processes
     )
     print(json.dumps({k: metrics[k] for k in ("steps", "first_loss", "final_loss", "eval_loss", "seconds_per_step", "verdict")}))

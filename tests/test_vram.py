@@ -72,7 +72,7 @@ def test_plan_within_15_percent_of_the_h200_peaks():
 def test_refusal_names_what_would_fit(monkeypatch):
     from loraforge import config as lfconfig
 
-    monkeypatch.setattr(vram, "visible_gpu_memory", lambda: None)
+    monkeypatch.setattr(vram, "visible_gpu_memory", lambda gpus=1: None)
     bf16_trl = {"models": {"30b": {"train": {"backend": "trl", "load_in_4bit": False}}}}
     lines = []
     # the article's 80 GB GPU: TRL needs more (measured 75.6 GiB even in 4-bit); one change fits
@@ -100,7 +100,7 @@ def test_refusal_names_what_would_fit(monkeypatch):
 def test_no_gpu_size_means_no_refusal(monkeypatch):
     from loraforge import config as lfconfig
 
-    monkeypatch.setattr(vram, "visible_gpu_memory", lambda: None)
+    monkeypatch.setattr(vram, "visible_gpu_memory", lambda gpus=1: None)
     lines = []
     vram.check_training(lfconfig.load(REPO / "config.yaml"), ["30b", "tiny"], say=lines.append)
     assert [line.split(":")[0] for line in lines] == ["VRAM plan of 30b", "VRAM plan of tiny"]
