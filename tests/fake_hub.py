@@ -21,8 +21,9 @@ Errors carry the hub's X-Error-Code header (RepoNotFound, RevisionNotFound, Entr
 GatedRepo), which huggingface_hub turns into its typed exceptions.
 
 Faults, armed by a test: `fail_commit` (HTTP 500 on the next N commits), `drop_lfs_put`
-(close the connection halfway through the next N LFS uploads), `drop_download` (send the
-headers and half of the body of the next N downloads of a path, then close).
+(close the connection halfway through the next N LFS uploads), `drop_download` (path -> N:
+announce the file, send half of it, or nothing on a resumed request, then close), `down`
+(every request answers 503).
 """
 
 from __future__ import annotations
@@ -222,6 +223,8 @@ def _handler_for(hub: FakeHub):
             path, query = unquote(parts.path), parse_qs(parts.query)
             m = self.command, path
             try:
+                if hub.faults.get("down"):
+                    return self._error(503, None, "fake hub: down for maintenance")
                 if m == ("GET", "/api/whoami-v2"):
                     return self._whoami()
                 if m == ("POST", "/api/repos/create"):
@@ -265,8 +268,9 @@ def _handler_for(hub: FakeHub):
             namespace = payload.get("organization") or user
             repo_id = f"{namespace}/{payload['name']}"
             with hub.lock:
-                if repo_id in hub.repos:
-                    return self._error(409, None, "You already created this model repo")
+                if repo_id in hub.repos:  # the hub's 409 carries the url; huggingface_hub reads it
+                    return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                                      headers={"X-Error-Message": "You already created this model repo"})
                 repo = hub.add_repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
                 repo.refs["main"] = sha = hub.new_commit_sha(repo_id)
                 repo.commits[sha] = {".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"}
@@ -454,13 +458,14 @@ def _handler_for(hub: FakeHub):
                 drop = self.command == "GET" and drops > 0
                 if drop:
                     hub.faults["drop_download"][path] = drops - 1
-            if drop:  # the full length is announced, half of it comes, then the connection dies
+            if drop:  # the full length is announced, then the connection dies: after half of the
+                # body on a first request, at once on a resume (Range), so the client's retries run out
                 self.send_response(200)
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data[: len(data) // 2])
+                self.wfile.write(data[: len(data) // 2] if not rng else b"")
                 self.wfile.flush()
                 return self._drop()
             if start:

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from loraforge.fileio import partial_path
-from loraforge.hub.errors import HubError, hub_errors
+from loraforge.hub.errors import HubError, endpoint, hub_errors
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def fetch_base(
     patterns = patterns or BASE_PATTERNS
     out = Path(out_dir)
     partial = partial_path(out)
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint(), token=token)
     commit = resolve_commit(api, repo_id, revision)
     label = f"{repo_id}@{revision or 'main'}"
     log.info("fetching %s (commit %s) into %s", label, commit, partial)
@@ -134,7 +134,8 @@ def fetch_base(
     log.info("%d files, %.1f MB", len(expected), sum(f["size"] for f in expected.values()) / 1e6)
 
     with hub_errors(repo_id, revision, doing="downloading"):
-        snapshot_download(repo_id=repo_id, revision=commit, local_dir=partial, token=token, allow_patterns=patterns)
+        snapshot_download(repo_id=repo_id, revision=commit, local_dir=partial, token=token, allow_patterns=patterns,
+                          endpoint=endpoint())
     check_files(partial, expected, label=label)
 
     shutil.rmtree(partial / ".cache", ignore_errors=True)

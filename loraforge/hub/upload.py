@@ -87,7 +87,7 @@ def upload_model(
     from loraforge.model_card import adapter_card, gguf_card
 
     started = time.time()
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint(), token=token)
     user = settings.get("user")
     if not user:
         with hub_errors("whoami", doing="checking HF_TOKEN"):
