@@ -23,7 +23,8 @@ GatedRepo), which huggingface_hub turns into its typed exceptions.
 Faults, armed by a test: `fail_commit` (HTTP 500 on the next N commits), `drop_lfs_put`
 (close the connection halfway through the next N LFS uploads), `drop_download` (path -> N:
 announce the file, send half of it, or nothing on a resumed request, then close), `down`
-(every request answers 503).
+(every request answers 503), `wrong_listing_sha256` (paths-info lists another sha256 for LFS
+files).
 """
 
 from __future__ import annotations
@@ -336,6 +337,10 @@ def _handler_for(hub: FakeHub):
                 return
             form = parse_qs(self._body().decode())
             sha, entries = self._listing(repo, unquote(revision), form.get("paths", []))
+            if entries is not None and hub.faults.get("wrong_listing_sha256"):
+                for e in entries:  # a hub whose copy is not what was sent
+                    if "lfs" in e:
+                        e["lfs"]["oid"] = hashlib.sha256(b"something else").hexdigest()
             if entries is not None:
                 self._send(200, entries, headers={"X-Repo-Commit": sha})
 

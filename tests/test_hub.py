@@ -322,30 +322,35 @@ def test_upload_then_delete_local_after_verified_sha256(pipeline, hub_env, tmp_p
     assert "rule train_adapter:" not in dry and "rule upload_hub:" not in dry
 
 
-@pytest.mark.slow
-def test_interrupted_lfs_upload_keeps_files_and_writes_no_record(hub_env, tmp_path, monkeypatch):
-    """The fake drops every LFS PUT halfway: huggingface_hub retries 5 times (1+2+4+8+8 s of
-    back-off), then fails; nothing is deleted and no record is written; the rerun succeeds
-    and the verified files may then be deleted."""
-    from loraforge.hub.errors import HubError
-    from loraforge.hub.upload import upload_model
-
-    folder = tmp_path / "results" / "m"
+def _small_model(folder: Path, *, delete: bool) -> dict:
+    """upload_model's arguments for a small model folder: one 128 kB GGUF, no adapter repo."""
     (folder / "adapter").mkdir(parents=True)
     gguf = folder / "Q4_K_M.gguf"
-    gguf.write_bytes(b"GGUF" + hashlib.sha256(b"x").digest() * 4096)  # 128 kB, an LFS file
+    gguf.write_bytes(b"GGUF" + hashlib.sha256(b"x").digest() * 4096)  # an LFS file for the hub
     memory = folder / "memory.tsv"
     memory.write_text("model_file\tquant\tnum_ctx\tfile_bytes\tmin_ram_gib\trecommended_ram_gib\n"
                       f"Q4_K_M.gguf\tQ4_K_M\t4096\t{gguf.stat().st_size}\t1\t4\n")
     settings = {"user": None, "gguf_repo": "{user}/{name}-GGUF", "adapter_repo": None, "private": False,
-                "quants": ["Q4_K_M"], "license": "mit", "delete_local_after_upload": True, "name": "m-model", "model": "m"}
-    kwargs = dict(model="m", settings=settings, ggufs={"Q4_K_M": gguf}, adapter_dir=folder / "adapter", memory_tsv=memory,
-                  quality_tsv=None, base_model="Qwen/Qwen3-8B", lora={}, modelfile_quant="Q4_K_M",
-                  record_path=folder / "hub-upload.json", token=TOKEN)
+                "quants": ["Q4_K_M"], "license": "mit", "delete_local_after_upload": delete, "name": "m-model", "model": "m"}
+    return dict(model="m", settings=settings, ggufs={"Q4_K_M": gguf}, adapter_dir=folder / "adapter", memory_tsv=memory,
+                quality_tsv=None, base_model="Qwen/Qwen3-8B", lora={}, modelfile_quant="Q4_K_M",
+                record_path=folder / "hub-upload.json", token=TOKEN)
+
+
+@pytest.mark.slow
+def test_interrupted_lfs_upload_keeps_files_and_writes_no_record(hub_env, tmp_path):
+    """The fake drops every LFS PUT halfway: huggingface_hub retries 5 times (1+2+4+8+8 s of
+    back-off), then fails; nothing is deleted and no record is written; the rerun succeeds
+    and the verified file is then deleted."""
+    from loraforge.hub.errors import HubError
+    from loraforge.hub.upload import upload_model
+
+    kwargs = _small_model(tmp_path / "results" / "m", delete=True)
+    gguf, record_path = kwargs["ggufs"]["Q4_K_M"], kwargs["record_path"]
     hub_env.faults["drop_lfs_put"] = 100
     with pytest.raises(HubError, match="tester/m-model-GGUF: uploading failed"):
         upload_model(**kwargs)
-    assert gguf.exists() and not (folder / "hub-upload.json").exists()
+    assert gguf.exists() and not record_path.exists()
     assert sum(r["status"] == "dropped" for r in hub_env.requests) == 6  # first try + 5 retries
 
     hub_env.faults["drop_lfs_put"] = 1  # one more drop: retried by huggingface_hub, then fine
@@ -354,7 +359,17 @@ def test_interrupted_lfs_upload_keeps_files_and_writes_no_record(hub_env, tmp_pa
     assert hub_env.files("tester/m-model-GGUF")["Q4_K_M.gguf"] == data and not gguf.exists()
     meta = _front_matter(hub_env.files("tester/m-model-GGUF")["README.md"])
     assert meta["base_model"] == "Qwen/Qwen3-8B" and meta["base_model_relation"] == "quantized"
-    assert record["repos"]["gguf"]["files"][0]["verified"]
+    assert record["repos"]["gguf"]["files"][0]["verified"] and json.loads(record_path.read_text()) == record
+
+
+def test_no_delete_when_the_hubs_sha256_differs(hub_env, tmp_path):
+    from loraforge.hub.upload import UploadVerificationError, upload_model
+
+    kwargs = _small_model(tmp_path / "results" / "m", delete=True)
+    hub_env.faults["wrong_listing_sha256"] = True
+    with pytest.raises(UploadVerificationError, match="Q4_K_M.gguf .*nothing was deleted"):
+        upload_model(**kwargs)
+    assert kwargs["ggufs"]["Q4_K_M"].exists() and not kwargs["record_path"].exists()
 
 
 def test_upload_without_token_fails_before_any_request(hub_env, tmp_path):

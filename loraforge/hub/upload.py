@@ -31,9 +31,9 @@ class UploadVerificationError(HubError):
     """The hub's copy of an uploaded file differs from the local one."""
 
 
-def _commit(api, repo_id: str, files: dict[str, Path], card, message: str) -> tuple[str, dict[str, str]]:
-    """One commit of `files` (path in repo -> local file) plus README.md; returns the commit
-    sha and the local sha256 of each file (computed by huggingface_hub for the LFS upload)."""
+def _commit(api, repo_id: str, files: dict[str, Path], card, message: str) -> str:
+    """One commit of `files` (path in repo -> local file) plus README.md; returns its sha.
+    Files the hub already holds with the same content are skipped by huggingface_hub."""
     from huggingface_hub import CommitOperationAdd
 
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
@@ -41,7 +41,7 @@ def _commit(api, repo_id: str, files: dict[str, Path], card, message: str) -> tu
     log.info("uploading %d files (%.1f MB) to %s", len(files), sum(f.stat().st_size for f in files.values()) / 1e6, repo_id)
     with hub_errors(repo_id, doing="uploading"):
         info = api.create_commit(repo_id, operations=ops, commit_message=message)
-    return info.oid, {op.path_in_repo: op.upload_info.sha256.hex() for op in ops[:-1]}
+    return info.oid
 
 
 def verify_remote(api, repo_id: str, commit: str, files: dict[str, Path]) -> list[dict]:
@@ -96,7 +96,7 @@ def upload_model(
            for k in ("gguf_repo", "adapter_repo") if settings.get(k)}
     record: dict = {"model": model, "endpoint": endpoint(), "huggingface_hub": hf_version, "repos": {}}
 
-    for key, rid in ids.items():
+    for rid in ids.values():
         with hub_errors(rid, doing="creating the repo"):
             api.create_repo(rid, private=settings["private"], exist_ok=True, repo_type="model")
 
@@ -105,7 +105,7 @@ def upload_model(
         files = {p.name: p for p in sorted(Path(adapter_dir).iterdir()) if p.is_file() and p.name not in ADAPTER_SKIP}
         card = adapter_card(repo_id=rid, name=settings["name"], base_model=base_model, gguf_repo=ids.get("gguf_repo"),
                             license=settings["license"], lora=lora)
-        commit, _ = _commit(api, rid, files, card, f"lora-forge: {model} LoRA adapter")
+        commit = _commit(api, rid, files, card, f"lora-forge: {model} LoRA adapter")
         rows = verify_remote(api, rid, commit, files)
         record["repos"]["adapter"] = {"repo_id": rid, "commit": commit, "url": f"{endpoint()}/{rid}",
                                       "files": sorted(files), "weights": rows}
@@ -116,13 +116,12 @@ def upload_model(
         card = gguf_card(repo_id=rid, name=settings["name"], quants=list(ggufs), memory_tsv=memory_tsv,
                          quality_tsv=quality_tsv, base_model=base_model, adapter_repo=ids.get("adapter_repo"),
                          license=settings["license"], modelfile_quant=modelfile_quant)
-        commit, _ = _commit(api, rid, files, card, f"lora-forge: {model} GGUF {', '.join(ggufs)}")
+        commit = _commit(api, rid, files, card, f"lora-forge: {model} GGUF {', '.join(ggufs)}")
         rows = verify_remote(api, rid, commit, files)
         record["repos"]["gguf"] = {"repo_id": rid, "commit": commit, "url": f"{endpoint()}/{rid}", "files": rows}
 
-    bad = [f"{r['path']} (hub {r['remote_sha256']}, local {r['sha256']})"
-           for repo in record["repos"].values() for r in repo.get("files", []) + repo.get("weights", [])
-           if isinstance(r, dict) and not r["verified"]]
+    checked = record["repos"].get("adapter", {}).get("weights", []) + record["repos"].get("gguf", {}).get("files", [])
+    bad = [f"{r['path']} (hub {r['remote_sha256']}, local {r['sha256']})" for r in checked if not r["verified"]]
     if bad:
         raise UploadVerificationError(
             f"{', '.join(ids.values())}: the hub's copy differs from the local file: {'; '.join(bad)}; "
@@ -131,8 +130,9 @@ def upload_model(
 
     deleted = []
     if settings["delete_local_after_upload"] and "gguf_repo" in ids:
-        for row, (name, path) in zip(record["repos"]["gguf"]["files"], files.items()):
+        for row in record["repos"]["gguf"]["files"]:
             # verified above: the hub's LFS sha256 equals this file's sha256, hashed just now
+            path = files[row["path"]]
             path.unlink()
             row["local_deleted"] = True
             deleted.append(str(path))
