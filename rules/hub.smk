@@ -16,6 +16,8 @@ rule upload_hub:
         record="results/{model}/hub-upload.json",
     log:
         "logs/{model}/upload_hub.log",
+    conda:
+        "../envs/hub.yaml"
     threads: job_threads("upload_hub")
     resources:
         **job_resources("upload_hub"),
