@@ -51,16 +51,46 @@ def hub_env(fake_hub, monkeypatch, tmp_path):
     return fake_hub
 
 
-@pytest.fixture
-def base_repo(hub_env, tiny_bases):
-    """The tiny Qwen3 base on the fake hub in two revisions: `old` (pinned by tests) and main,
-    whose config.json and revision.txt differ."""
-    base = tiny_bases["qwen3"]
-    old = hub_env.push_folder(BASE_REPO, base, extra={"revision.txt": b"old\n", "pytorch_model.bin": b"not wanted"})
+def _push_two_revisions(hub: FakeHub, base: Path) -> dict:
+    """`base` on the fake hub in two revisions: `old` (pinned by tests) and main, whose
+    config.json and revision.txt differ; plus a file the pipeline does not want."""
+    old = hub.push_folder(BASE_REPO, base, extra={"revision.txt": b"old\n", "pytorch_model.bin": b"not wanted"})
     cfg = json.loads((base / "config.json").read_text())
-    newer = hub_env.push_folder(BASE_REPO, base, extra={"revision.txt": b"new\n",
-                                                         "config.json": json.dumps({**cfg, "_rev": "new"}).encode()})
-    return {"old": old, "main": newer, "folder": base, "hub": hub_env}
+    newer = hub.push_folder(BASE_REPO, base, extra={"revision.txt": b"new\n",
+                                                     "config.json": json.dumps({**cfg, "_rev": "new"}).encode()})
+    return {"old": old, "main": newer, "folder": base, "hub": hub}
+
+
+@pytest.fixture(scope="module")
+def small_model_folder(tmp_path_factory) -> Path:
+    """A model folder in the hub's layout, made in milliseconds (for the fast tests): config,
+    two safetensors shards of 1 MB with their index, a tokenizer config."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("small-model")
+    rng = np.random.default_rng(0)
+    index = {"metadata": {"total_size": 0}, "weight_map": {}}
+    for i in (1, 2):
+        name = f"model-0000{i}-of-00002.safetensors"
+        tensor = f"model.layers.{i}.mlp.up_proj.weight"
+        save_file({tensor: rng.standard_normal((512, 512)).astype(np.float32)}, str(folder / name))
+        index["weight_map"][tensor] = name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 512}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    return folder
+
+
+@pytest.fixture
+def base_repo(hub_env, small_model_folder):
+    return _push_two_revisions(hub_env, small_model_folder)
+
+
+@pytest.fixture
+def tiny_base_repo(hub_env, tiny_bases):
+    """The real tiny Qwen3 base (session fixture) on the fake hub, for full workflow runs."""
+    return _push_two_revisions(hub_env, tiny_bases["qwen3"])
 
 
 def _same_files(a: Path, b: Path, pattern="*.safetensors"):
@@ -171,10 +201,11 @@ def test_fetch_replaces_a_file_that_does_not_match_the_listing(base_repo, tmp_pa
 
 
 @pytest.mark.slow
-def test_fetch_base_rule_against_the_fake_hub(base_repo, tmp_path):
+def test_fetch_base_rule_against_the_fake_hub(tiny_base_repo, tmp_path):
     """snakemake's fetch_base: a download cut off for good fails (after the rule's retries) and
     leaves no base folder; the rerun fetches the pinned revision; a gated repo without a token
     fails with one line naming it and leaves no base folder."""
+    base_repo = tiny_base_repo
     hub = base_repo["hub"]
     hub.push_folder(GATED_REPO, base_repo["folder"])
     hub.repos[GATED_REPO].gated = True
@@ -209,9 +240,10 @@ def test_fetch_base_rule_against_the_fake_hub(base_repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_hub_model_from_fetch_to_upload(base_repo, tmp_path, monkeypatch):
+def test_hub_model_from_fetch_to_upload(tiny_base_repo, tmp_path, monkeypatch):
     """The whole path for a `hub:` model against the fake: fetch_base at a pinned revision,
     data, training, merge, GGUF, memory table, then upload_hub; the cards name the hub base."""
+    base_repo = tiny_base_repo
     hub = base_repo["hub"]
     cfg = small_config(
         targets=["hubtiny"],
