@@ -4,7 +4,7 @@ pre-tokenizer hash), a ChatML chat template, a small Qwen3 or Qwen3-MoE config w
 widths are multiples of 256 (so K-quants apply to real tensors), several safetensors shards,
 and a brief pre-training on the shipped corpus so outputs are not noise.
 
-Hub models are fetched instead (`fetch_hub_base`)."""
+Hub models are fetched instead (`fetch_hub_base`, `loraforge.hub.download`)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 from loraforge.constants import CHATML_JINJA_TEMPLATE, ENDOFTEXT, IM_END, IM_START
-from loraforge.fileio import atomic_output, partial_path, write_json_atomic
+from loraforge.fileio import atomic_output, write_json_atomic
 from loraforge.tokenizer import load_tokenizer
 
 # ChatML, as Qwen uses it. <|im_end|> ends a turn (EOS for chat), <|endoftext|> ends a document.
@@ -243,25 +242,9 @@ def build_tiny_base(
 
 
 def fetch_hub_base(repo_id: str, out_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
-    """Download a hub model's weights, config and tokenizer into a plain local folder.
+    """Download a hub model's weights, config and tokenizer into a plain local folder
+    (`loraforge.hub.download.fetch_base`: commit pinned, every file checked against the
+    hub's listing before the folder gets its final name)."""
+    from loraforge.hub.download import fetch_base
 
-    local_dir gives real files (no cache symlinks), so a consume-mode merge can move them.
-    Only the files the pipeline needs are fetched (no .bin/.pth duplicates, no GGUFs)."""
-    from huggingface_hub import snapshot_download
-
-    out = Path(out_dir)
-    partial = partial_path(out)
-    # a partial download is kept on failure: snapshot_download resumes it (retries: in the rule)
-    snapshot_download(
-        repo_id=repo_id,
-        revision=revision,
-        local_dir=partial,
-        token=token,
-        allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "LICENSE*"],
-    )
-    if not list(partial.glob("*.safetensors")):
-        raise FileNotFoundError(f"{repo_id}@{revision or 'main'} has no safetensors weights")
-    shutil.rmtree(partial / ".cache", ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    return out
+    return fetch_base(repo_id, out_dir, revision=revision, token=token)
