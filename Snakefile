@@ -23,6 +23,8 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/gguf.smk"
 include: "rules/ollama.smk"
+include: "rules/quality.smk"
+include: "rules/report.smk"
 
 
 rule all:

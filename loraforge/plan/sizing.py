@@ -163,6 +163,17 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
     return RunInputs(sizes, existing, layouts, total_results, merge_mode, notes)
 
 
+REFERENCE_LOGITS = "reference.logits"  # rules/quality.smk: results/{model}/eval/reference.logits (temp)
+
+
+def reference_logits_bytes(config: Mapping, vocab: int) -> int:
+    """The reference logits file at its bound (quality.chunks chunks of quality.ctx tokens)."""
+    from loraforge.quality import logits_file_bytes
+
+    q = config.get("quality") or {}
+    return logits_file_bytes(int(q.get("ctx", 256)), int(q.get("chunks", 32)), int(vocab))
+
+
 def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample_bytes: int, results_dir: str) -> int:
     name = os.path.basename(path)
     if L is not None:
@@ -171,7 +182,7 @@ def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample
         if name == "merged":
             return L.merged_bytes("copy")
         if name.endswith(".gguf"):
-            t = name[: -len(".gguf")]
+            t = name[: -len(".gguf")].rsplit("-", 1)[-1]  # eval/reference-F16.gguf, eval/base-Q8_0.gguf
             try:
                 t = S.ftype_name(t)
             except ValueError:
@@ -179,6 +190,8 @@ def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample
             if t not in L.gguf and arch is not None:
                 L.gguf[t] = S.gguf_bytes(arch, t)
             return L.gguf.get(t, 0)
+    if name == REFERENCE_LOGITS and arch is not None:
+        return reference_logits_bytes(config, arch.vocab_size)
     if name == "adapter" and arch is not None:
         return S.lora_adapter_bytes(arch, _lora_rank(config, step.model or ""),
                                     _targets_of(config, step.model or "", results_dir))
