@@ -21,9 +21,7 @@ rule run_summary:
         ),
     log:
         "logs/run_summary.log",
-    threads: job_threads("run_summary")
-    resources:
-        **job_resources("run_summary"),
+    threads: 1
     params:
         models=config["targets"],
         gpu_hour_usd=config["cost"]["gpu_hour_usd"],

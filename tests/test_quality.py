@@ -77,7 +77,7 @@ def test_plan_sizes_the_evaluation_files():
     from loraforge.plan.model import Step
     from loraforge.plan.sizing import gather_sizes, reference_logits_bytes
 
-    from tests.conftest import small_config
+    from conftest import small_config
 
     cfg = small_config()
     cfg["models"]["30b"]["base"] = {"hub": "unsloth/qwen3-coder-30b-a3b-instruct"}
