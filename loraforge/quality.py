@@ -82,12 +82,24 @@ def logits_file_bytes(ctx: int, chunks: int, vocab: int) -> int:
 # ----------------------------------------------------------------------------- running
 
 
+def perplexity_program() -> list[str]:
+    """llama-perplexity, run through loraforge.llama_tool_runner where the pinned build allows
+    (it drains llama.cpp's log thread before exiting, so the summary lines are never lost)."""
+    import sys
+
+    from loraforge import llama_tool_runner
+
+    llamacpp.llama_tool("llama-perplexity")  # the build has the tool (a clear error if not)
+    if llama_tool_runner.available():
+        return [sys.executable, "-m", "loraforge.llama_tool_runner"]
+    return [str(llamacpp.llama_tool("llama-perplexity"))]
+
+
 def perplexity_command(model, *, ctx: int, chunks: int, threads: int | None = None, text=None,
                        kld_base=None, kld: bool = False) -> list[str]:
     """llama-perplexity with a fixed context and batch (= ctx: one chunk per batch, as in
     llama.cpp's KLD tables), bounded to `chunks` chunks."""
-    cmd = [str(llamacpp.llama_tool("llama-perplexity")), "-m", str(model), "-c", str(ctx), "-b", str(ctx),
-           "--chunks", str(chunks)]
+    cmd = [*perplexity_program(), "-m", str(model), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks)]
     if threads:
         cmd += ["-t", str(threads)]
     if text is not None:
@@ -108,8 +120,12 @@ def run_perplexity(cmd: list[str], log_path) -> str:
     tool_log = log_path.with_name(log_path.name + ".llama.txt")
     tool_log.unlink(missing_ok=True)
     started = time.time()
+    env = llamacpp.llama_tool_env()
+    # the runner (loraforge.llama_tool_runner) imports this package: the same copy as this process's
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([*cmd, "--log-file", str(tool_log)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", env=llamacpp.llama_tool_env())
+                          text=True, errors="replace", env=env)
     output = proc.stdout
     try:
         logged = tool_log.read_text(errors="replace")
