@@ -17,6 +17,8 @@ from loraforge.plan.simulate import Planner
 from loraforge.sizes import human, parse_size
 
 SMALL_FILE = 64 * 1024
+# bench/requantize.py on the tiny models (README "Requantize from Q8_0, or quantize from 16-bit?")
+REQUANTIZE_COST = "REQUANT_COST_TBD"
 
 
 def _model_cfg(config: Mapping, key: str) -> dict:
@@ -233,8 +235,29 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
     plan.quota = quota_bytes  # the one place the quota is read: `quota`, else the config's disk_quota
     plan.free = free_now
     plan.notes.extend(ri.notes)
+    source_note = quantize_source_note(plan, quota_bytes, free_now)
+    if source_note:
+        plan.notes.append(source_note)
     plan.config = config  # for the VRAM plan of the training jobs (loraforge.vram)
     return plan
+
+
+def quantize_source_note(plan: Plan, quota: int | None, free: int | None) -> str | None:
+    """When the run requantizes K-quants from a Q8_0 intermediate: whether quantizing from 16-bit
+    (export.intermediate: F16) would fit this run's disk, measured cost included (README,
+    "Requantize from Q8_0, or quantize from 16-bit?")."""
+    from loraforge.plan.fit import fits
+
+    planner = plan.planner
+    if planner is None or not planner.quant_steps():
+        return None
+    if set(planner.intermediates().values()) != {"Q8_0"}:
+        return None
+    f16 = planner.with_intermediate("F16").replace(merge_mode=plan.merge_mode).plan()
+    verdict = "fits" if fits(f16, quota, free) else "does not fit"
+    return (f"export.intermediate Q8_0: the K-quants are requantized from Q8_0 (measured: "
+            f"{REQUANTIZE_COST}); export.intermediate: F16 would quantize from 16-bit and peak at "
+            f"{human(f16.peak)}: it {verdict}")
 
 
 def _choose_merge_mode(planner: Planner, quota: int | None, free: int | None) -> tuple[Plan, str]:
