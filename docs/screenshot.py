@@ -62,9 +62,16 @@ def main() -> int:
         time.sleep(4)
         print("category:", click(args.category))
         time.sleep(2)
-        if args.item:
-            print("item:", click(args.item))
-            time.sleep(2)
+        if args.item:  # its "show" (eye) icon, the first icon in the item's row
+            js = f"""(() => {{ const el = [...document.querySelectorAll('*')]
+                .filter(e => e.children.length === 0 && e.textContent.trim() === {json.dumps(args.item)}).pop();
+                if (!el) return 'no item'; let row = el;
+                while (row && !row.querySelector('svg')) row = row.parentElement;
+                if (!row) return 'no icon'; const icon = row.querySelector('svg');
+                const target = icon.closest('a,button') || icon.parentElement;
+                target.dispatchEvent(new MouseEvent('click', {{bubbles: true}})); return 'clicked ' + target.tagName; }})()"""
+            print("item:", call("Runtime.evaluate", expression=js, returnByValue=True)["result"].get("value"))
+            time.sleep(3)
         shot = call("Page.captureScreenshot", format="png")
         Path(args.png).write_bytes(base64.b64decode(shot["data"]))
         ws.close()

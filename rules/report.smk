@@ -21,6 +21,8 @@ rule run_summary:
         ),
     log:
         "logs/run_summary.log",
+    conda:
+        "../envs/export.yaml"
     threads: 1
     params:
         models=config["targets"],
