@@ -167,3 +167,25 @@ def test_a_truncated_kld_output_is_an_error_naming_the_log(pipeline, tmp_path):
         f.truncate(base.stat().st_size // 2)
     with pytest.raises(Q.QualityError, match=str(tmp_path / "c.log")):
         Q.kld_against(base, src, ctx=64, chunks=4, threads=None, log=tmp_path / "c.log")
+
+
+def test_plan_says_whether_quantizing_from_16_bit_would_fit(tmp_path):
+    from loraforge.plan.model import Step
+    from loraforge.plan.sizing import plan_steps
+
+    from conftest import small_config
+
+    cfg = small_config()
+    cfg["models"]["30b"]["base"] = {"hub": "unsloth/qwen3-coder-30b-a3b-instruct"}
+    steps = [
+        Step("merge_adapter", "30b", outputs=["results/30b/merged"], inputs=["results/30b/base", "results/30b/adapter"],
+             temp_outputs={"results/30b/merged"}),
+        Step("convert_gguf", "30b", outputs=["results/30b/Q8_0.gguf"], inputs=["results/30b/merged"],
+             temp_outputs={"results/30b/Q8_0.gguf"}),
+        Step("quantize_gguf", "30b", outputs=["results/30b/Q4_K_M.gguf"], inputs=["results/30b/Q8_0.gguf"]),
+    ]
+    notes = {q: " ".join(plan_steps(steps, cfg, workdir=tmp_path, quota=q, free=10**15, merge_mode="link").notes)
+             for q in ("1000GB", "100GB")}
+    for note in notes.values():
+        assert "requantized from Q8_0" in note and "no measurable KLD cost" in note
+    assert notes["1000GB"].endswith("it fits") and notes["100GB"].endswith("it does not fit")
