@@ -24,6 +24,8 @@ include: "rules/merge.smk"
 include: "rules/gguf.smk"
 include: "rules/ollama.smk"
 include: "rules/hub.smk"
+include: "rules/quality.smk"
+include: "rules/report.smk"
 
 
 rule all:

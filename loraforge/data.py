@@ -347,7 +347,8 @@ def upweight_contrastive(samples: Iterable[dict], weight: int) -> list[dict]:
 # ----------------------------------------------------------------------------- splitting
 
 
-def split(samples: Sequence[dict], validation_fraction: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split(samples: Sequence[dict], validation_fraction: float = 0.1, seed: int = 0,
+          contrastive_pairs: int = 0) -> tuple[list[dict], list[dict]]:
     """Deterministically split into (train, validation), keeping each pair on one side.
 
     Units (a pair, or a single sample) are shuffled with ``random.Random(seed)`` and moved
@@ -356,6 +357,9 @@ def split(samples: Sequence[dict], validation_fraction: float = 0.1, seed: int =
     least 2 samples, and train is never emptied by the split; ``fraction == 0`` puts
     everything in train. Both lists keep the input order. Raises `DataError` for a fraction
     outside [0, 1) or when the samples are a single pair that cannot be split.
+
+    contrastive_pairs: that many contrastive pairs (chosen with the same seed) go to validation
+    first, for the conventions score (loraforge.conventions); they count towards the target.
     """
     try:
         fraction = float(validation_fraction)
@@ -375,10 +379,15 @@ def split(samples: Sequence[dict], validation_fraction: float = 0.1, seed: int =
     rng = random.Random(seed)
     order = list(range(len(units)))
     rng.shuffle(order)
+    if contrastive_pairs:
+        pairs = [u for u in order if len(units[u]) > 1 and all(is_contrastive(samples[i]) for i in units[u])]
+        first = pairs[: int(contrastive_pairs)]
+        order = first + [u for u in order if u not in set(first)]
     val_units: set[int] = set()
     val_size = 0
-    for position in order:
-        if val_size >= target or len(val_units) == len(units) - 1:
+    forced = len(first) if contrastive_pairs else 0
+    for k, position in enumerate(order):
+        if (val_size >= target and k >= forced) or len(val_units) == len(units) - 1:
             break
         val_units.add(position)
         val_size += len(units[position])
@@ -386,6 +395,20 @@ def split(samples: Sequence[dict], validation_fraction: float = 0.1, seed: int =
     train = [s for i, s in enumerate(samples) if i not in in_val]
     validation = [s for i, s in enumerate(samples) if i in in_val]
     return train, validation
+
+
+def _user_turns(sample: dict) -> set[str]:
+    return {m["content"].strip() for m in sample["messages"] if m["role"] == "user"}
+
+
+def drop_leaked_prompts(train: Sequence[dict], validation: Sequence[dict]) -> list[dict]:
+    """Train without the samples that ask a held-out contrastive pair's question (same user
+    turn): the conventions score must measure held-out prompts only."""
+    held_out = set().union(*(_user_turns(s) for s in validation if is_contrastive(s))) if validation else set()
+    kept = [s for s in train if not (_user_turns(s) & held_out)]
+    if len(kept) < len(train):
+        log.info("prepare: dropped %d train samples that repeat a held-out contrastive prompt", len(train) - len(kept))
+    return kept
 
 
 # ----------------------------------------------------------------------------- summary
@@ -452,6 +475,7 @@ def prepare(
     contrastive_weight: int = 1,
     validation_fraction: float = 0.1,
     seed: int = 0,
+    validation_pairs: int = 0,
     count_tokens: Callable[[str], int] | None = None,
 ) -> pd.DataFrame:
     """The whole pipeline: load -> cap_sources -> split -> upweight_contrastive(train only).
@@ -467,7 +491,8 @@ def prepare(
     if not samples:
         raise DataError(f"{path}: no samples", path=path)
     capped = cap_sources(samples, max_source_share, seed)
-    train, validation = split(capped, validation_fraction, seed)
+    train, validation = split(capped, validation_fraction, seed, contrastive_pairs=validation_pairs)
+    train = drop_leaked_prompts(train, validation)
     train = upweight_contrastive(train, contrastive_weight)
     summary = summarize(samples, train + validation, count_tokens)
     write_text_atomic(out_train, _jsonl(train), fsync=True)

@@ -173,6 +173,10 @@ def _artifact_estimates(config_json: str, model: str, cwd: str) -> dict[str, int
             out[f"{d}/{S.ftype_name(ftype)}.gguf"] = S.gguf_bytes(arch, ftype)
         except ValueError:
             pass
+    # the evaluation's temp files (rules/quality.smk)
+    out[f"{d}/eval/reference-F16.gguf"] = S.gguf_bytes(arch, "F16")
+    out[f"{d}/eval/base-Q8_0.gguf"] = S.gguf_bytes(arch, "Q8_0")
+    out[f"{d}/eval/{P.REFERENCE_LOGITS}"] = P.reference_logits_bytes(config, arch.vocab_size)
     return out
 
 
@@ -200,6 +204,9 @@ def rule_outputs(config: Mapping, rule: str, model: str, wildcards: Mapping) -> 
         "merge_adapter": [f"{d}/merged"],
         "convert_gguf": [f"{d}/{wildcards.get('intermediate', export.get('intermediate', 'Q8_0'))}.gguf"],
         "quantize_gguf": [f"{d}/{wildcards.get('quant')}.gguf"] if wildcards.get("quant") else [],
+        "reference_gguf": [f"{d}/eval/reference-F16.gguf"],
+        "base_gguf": [f"{d}/eval/base-Q8_0.gguf"],
+        "reference_logits": [f"{d}/eval/{P.REFERENCE_LOGITS}"],
     }.get(rule, [])
 
 

@@ -111,7 +111,7 @@ def model_outputs(model):
         f"results/{model}/train/metrics.json",
         f"results/{model}/data/summary.tsv",
     ]
-    return out
+    return out + quality_outputs(model)
 
 
 def job_threads(rule_name):
@@ -140,6 +140,46 @@ def job_resources(rule_name):
         return value
 
     return {name: declared(name) for name in lfresources.RESOURCE_NAMES}
+
+
+# -- the evaluation (rules/quality.smk) --------------------------------------------------
+SIXTEEN_BIT = ("F16", "BF16")
+
+
+def reference_name():
+    """The 16-bit type the quants are compared with: the intermediate when it is 16-bit."""
+    return INTERMEDIATE if INTERMEDIATE in SIXTEEN_BIT else "F16"
+
+
+def get_reference_gguf(wildcards):
+    if INTERMEDIATE in SIXTEEN_BIT:
+        return get_intermediate_gguf(wildcards)
+    return f"results/{wildcards.model}/eval/reference-F16.gguf"
+
+
+def evaluated_quants():
+    """Every quant the export builds, and the Q8_0 intermediate (it exists during the run)."""
+    extra = [INTERMEDIATE] if INTERMEDIATE not in SIXTEEN_BIT else []
+    return list(dict.fromkeys(extra + list(EXPORT["quants"])))
+
+
+def get_evaluated_ggufs(wildcards):
+    return [f"results/{wildcards.model}/{q}.gguf" for q in evaluated_quants()]
+
+
+def early_priority(wildcards):
+    return model_priority(wildcards) + 5
+
+
+def quality_outputs(model):
+    if not config["quality"]["evaluate"]:
+        return []
+    return [f"results/{model}/quality.tsv", f"results/{model}/conventions.tsv"]
+
+
+def train_gpus(model):
+    """GPUs a training job of `model` asks for (the cost table's GPU-hours); None: not set."""
+    return lfresources.resource(config, "train_adapter", "gpu", model=model)
 
 
 def get_final_outputs():

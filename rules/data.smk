@@ -26,5 +26,6 @@ rule prepare_data:
         contrastive_weight=config["data"]["contrastive_weight"],
         validation_fraction=config["data"]["validation_fraction"],
         seed=config["data"]["seed"],
+        validation_pairs=config["data"]["validation_pairs"],
     script:
         "../scripts/prepare_data.py"

@@ -10,6 +10,8 @@ rule convert_gguf:
         ),
     log:
         "logs/{model}/convert_gguf_{intermediate}.log",
+    benchmark:
+        "logs/{model}/benchmarks/convert_gguf_{intermediate}.tsv"
     priority: model_priority
     conda:
         "../envs/export.yaml"
@@ -37,6 +39,8 @@ rule quantize_gguf:
         gguf="results/{model}/{quant}.gguf",
     log:
         "logs/{model}/quantize_gguf_{quant}.log",
+    benchmark:
+        "logs/{model}/benchmarks/quantize_gguf_{quant}.tsv"
     priority: model_priority
     conda:
         "../envs/export.yaml"

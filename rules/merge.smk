@@ -10,6 +10,8 @@ rule merge_adapter:
         report="results/{model}/reports/merge.json",
     log:
         "logs/{model}/merge_adapter.log",
+    benchmark:
+        "logs/{model}/benchmarks/merge_adapter.tsv"
     priority: model_priority
     conda:
         "../envs/export.yaml"

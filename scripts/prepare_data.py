@@ -5,7 +5,7 @@ Tokens in the summary are counted with the base model's tokenizer (input.tokeniz
 loaded by `loraforge.tokenizer.load_tokenizer`, the loader training uses.
 
     input:  samples (JSONL), tokenizer_dir (a Hugging Face model folder)
-    params: max_source_share, contrastive_weight, validation_fraction, seed
+    params: max_source_share, contrastive_weight, validation_fraction, seed, validation_pairs
     output: train, validation (JSONL), summary (TSV)
     log:    one file
 """
@@ -29,6 +29,7 @@ with rule_logging(snakemake):  # noqa: F821 - injected by Snakemake's script: di
         contrastive_weight=int(smk.params.contrastive_weight),
         validation_fraction=float(smk.params.validation_fraction),
         seed=int(smk.params.seed),
+        validation_pairs=int(smk.params.validation_pairs),
         count_tokens=token_counter(smk.input.tokenizer_dir),
     )
     log.info("summary:\n%s", summary.to_string(index=False))

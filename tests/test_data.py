@@ -407,7 +407,8 @@ def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path):
     out = tmp_path / "out"
     smk = SimpleNamespace(
         input=SimpleNamespace(samples=str(SHIPPED), tokenizer_dir=str(tok_dir)),
-        params=SimpleNamespace(max_source_share=0.2, contrastive_weight=2, validation_fraction=0.1, seed=0),
+        params=SimpleNamespace(max_source_share=0.2, contrastive_weight=2, validation_fraction=0.1, seed=0,
+                               validation_pairs=8),
         output=SimpleNamespace(train=str(out / "train.jsonl"), validation=str(out / "validation.jsonl"),
                                summary=str(out / "summary.tsv")),
         log=[str(tmp_path / "prepare.log")],

@@ -17,6 +17,9 @@ from loraforge.plan.simulate import Planner
 from loraforge.sizes import human, parse_size
 
 SMALL_FILE = 64 * 1024
+# bench/requantize.py on the tiny models (README "Requantize from Q8_0, or quantize from 16-bit?")
+REQUANTIZE_COST = ("no measurable KLD cost on the tiny models, requantized/direct 0.88-1.08x; README "
+                   "\"Requantize from Q8_0, or quantize from 16-bit?\"")
 
 
 def _model_cfg(config: Mapping, key: str) -> dict:
@@ -191,6 +194,17 @@ def _training_checkpoints(steps: list[Step], config: Mapping, archs: Mapping, re
     return found
 
 
+REFERENCE_LOGITS = "reference.logits"  # rules/quality.smk: results/{model}/eval/reference.logits (temp)
+
+
+def reference_logits_bytes(config: Mapping, vocab: int) -> int:
+    """The reference logits file at its bound (quality.chunks chunks of quality.ctx tokens)."""
+    from loraforge.quality import logits_file_bytes
+
+    q = config.get("quality") or {}
+    return logits_file_bytes(int(q.get("ctx", 256)), int(q.get("chunks", 32)), int(vocab))
+
+
 def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample_bytes: int, results_dir: str) -> int:
     name = os.path.basename(path)
     if L is not None:
@@ -199,7 +213,7 @@ def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample
         if name == "merged":
             return L.merged_bytes("copy")
         if name.endswith(".gguf"):
-            t = name[: -len(".gguf")]
+            t = name[: -len(".gguf")].rsplit("-", 1)[-1]  # eval/reference-F16.gguf, eval/base-Q8_0.gguf
             try:
                 t = S.ftype_name(t)
             except ValueError:
@@ -207,6 +221,8 @@ def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample
             if t not in L.gguf and arch is not None:
                 L.gguf[t] = S.gguf_bytes(arch, t)
             return L.gguf.get(t, 0)
+    if name == REFERENCE_LOGITS and arch is not None:
+        return reference_logits_bytes(config, arch.vocab_size)
     if name == "adapter" and arch is not None:
         return S.lora_adapter_bytes(arch, _lora_rank(config, step.model or ""),
                                     _targets_of(config, step.model or "", results_dir))
@@ -248,8 +264,29 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
     plan.quota = quota_bytes  # the one place the quota is read: `quota`, else the config's disk_quota
     plan.free = free_now
     plan.notes.extend(ri.notes)
+    source_note = quantize_source_note(plan, quota_bytes, free_now)
+    if source_note:
+        plan.notes.append(source_note)
     plan.config = config  # for the VRAM plan of the training jobs (loraforge.vram)
     return plan
+
+
+def quantize_source_note(plan: Plan, quota: int | None, free: int | None) -> str | None:
+    """When the run requantizes K-quants from a Q8_0 intermediate: whether quantizing from 16-bit
+    (export.intermediate: F16) would fit this run's disk, measured cost included (README,
+    "Requantize from Q8_0, or quantize from 16-bit?")."""
+    from loraforge.plan.fit import fits
+
+    planner = plan.planner
+    if planner is None or not planner.quant_steps():
+        return None
+    if set(planner.intermediates().values()) != {"Q8_0"}:
+        return None
+    f16 = planner.with_intermediate("F16").replace(merge_mode=plan.merge_mode).plan()
+    verdict = "fits" if fits(f16, quota, free) else "does not fit"
+    return (f"export.intermediate Q8_0: the K-quants are requantized from Q8_0 (measured: "
+            f"{REQUANTIZE_COST}); export.intermediate: F16 would quantize from 16-bit and peak at "
+            f"{human(f16.peak)}: it {verdict}")
 
 
 def _choose_merge_mode(planner: Planner, quota: int | None, free: int | None) -> tuple[Plan, str]:
