@@ -91,7 +91,8 @@ def child_build(args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loraforge.base import EOS_TOKEN, PAD_TOKEN, load_tokenizer
+    from loraforge.base import EOS_TOKEN, PAD_TOKEN
+    from loraforge.tokenizer import load_tokenizer
 
     tok = load_tokenizer(TOKENIZER_DIR)
     archs = SMOKE_ARCHS if args.cpu_smoke else ARCHS
@@ -322,7 +323,7 @@ def child_sanity(args) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from loraforge.base import load_tokenizer
+    from loraforge.tokenizer import load_tokenizer
 
     device = "cpu" if args.cpu_smoke else "cuda"
     out = {}
