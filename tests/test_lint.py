@@ -21,3 +21,23 @@ def test_snakemake_lint_is_clean():
 def test_snakefmt_check():
     run = subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "rules"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_every_loraforge_import_in_scripts_and_benchmarks_resolves():
+    """Benchmarks and rule scripts import from loraforge inside functions, where nothing runs in
+    CI until a GPU run fails on a renamed helper: every `from loraforge.X import Y` must resolve."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted([*REPO.glob("bench/*.py"), *REPO.glob("scripts/*.py"), *REPO.glob("loraforge/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "loraforge":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{alias.name}")
+    assert not missing, "\n".join(missing)
