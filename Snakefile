@@ -23,6 +23,7 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/gguf.smk"
 include: "rules/ollama.smk"
+include: "rules/ide.smk"
 
 
 rule all:

@@ -167,6 +167,10 @@ def rule_outputs(config: Mapping, rule: str, model: str, wildcards: Mapping) -> 
         "merge_adapter": [f"{d}/merged"],
         "convert_gguf": [f"{d}/{wildcards.get('intermediate', export.get('intermediate', 'Q8_0'))}.gguf"],
         "quantize_gguf": [f"{d}/{wildcards.get('quant')}.gguf"] if wildcards.get("quant") else [],
+        # the adapter-only path (rules/ide.smk): the un-fine-tuned base as GGUF, the adapter as GGUF
+        "convert_base_gguf": [f"{d}/base.{export.get('intermediate', 'Q8_0')}.gguf"],
+        "quantize_base_gguf": [f"{d}/base.{wildcards.get('quant')}.gguf"] if wildcards.get("quant") else [],
+        "convert_adapter_gguf": [f"{d}/adapter.gguf"],
     }.get(rule, [])
 
 
