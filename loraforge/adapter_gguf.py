@@ -8,12 +8,18 @@ one `adapter.lora.alpha` for the whole file and the rank read from each tensor's
 that cannot express is refused before the converter runs, naming the field:
 
 - expert LoRA on a MoE (PEFT's `target_parameters`, lora.ParamWrapper on the fused 3-D
-  `mlp.experts.gate_up_proj` / `down_proj`): convert_lora_to_gguf maps adapter tensors by the
-  module name with `.lora_A.weight` cut off, and the ParamWrapper keys
-  (`...mlp.experts.base_layer.lora_A.weight`, `...mlp.experts.lora_A.weight`) name no base
-  tensor, so it stops with `Can not map tensor` (see tests/test_adapter_gguf.py, which runs it);
-  and llama.cpp's LoRA has no per-expert A/B for its merged `ffn_*_exps` tensors anyway.
-  Such models use the merged GGUFs.
+  `mlp.experts.gate_up_proj` / `down_proj`): convert_lora_to_gguf names each A/B pair by the
+  adapter key with `.lora_A.weight` cut off, so the ParamWrapper keys
+  (`model.layers.L.mlp.experts.base_layer.lora_A.weight` for gate_up, `...mlp.experts.lora_A.weight`
+  for down) become `model.layers.L.mlp.experts.base_layer.weight` / `...mlp.experts.weight`. The
+  Qwen MoE converter holds back every tensor named `experts` until it has the per-expert
+  `mlp.experts.E.{gate,up,down}_proj.weight` to stack, which never come, and stops with
+  `ValueError: Unprocessed experts: ['model.layers.0.mlp.experts.base_layer.weight',
+  'model.layers.0.mlp.experts.weight', ...]` (llama-cpp-python 0.3.36's converter; run by
+  tests/test_adapter_gguf.py). The attention LoRA of the same adapter converts. Even so, a GGUF
+  LoRA pair per tensor is A [r, in], B [out, r], while PEFT's fused expert A/B are [E*r, in] /
+  [out, E*r] with expert e owning rows/columns of them: no single low-rank pair equals the
+  per-expert deltas of llama.cpp's merged `ffn_*_exps` tensors. Such models use the merged GGUFs.
 - `use_rslora` (scale alpha / sqrt(r)) and `rank_pattern` / `alpha_pattern` (per-module scales):
   the single alpha / rank scale of the GGUF would apply the wrong strength.
 """
@@ -73,9 +79,9 @@ def unsupported_reason(adapter_dir: str | os.PathLike) -> str | None:
         params = cfg.get("target_parameters") or sorted({k.split(".lora_")[0] for k in expert_keys})[:2]
         return (f"{where}: target_parameters {params}: expert LoRA on a MoE's fused expert tensors "
                 "(PEFT lora.ParamWrapper) has no LoRA GGUF form: llama.cpp's convert_lora_to_gguf.py "
-                "cannot map these tensors (\"Can not map tensor\") and llama.cpp applies no per-expert "
-                "LoRA to its merged ffn_*_exps tensors. Use the merged GGUFs (results/<model>/*.gguf) "
-                "for this model")
+                "stops with 'Unprocessed experts' on these tensors, and a LoRA GGUF pair cannot hold "
+                "per-expert deltas for llama.cpp's merged ffn_*_exps tensors. Use the merged GGUFs "
+                "(results/<model>/*.gguf, Modelfile) for this model")
     if cfg.get("use_rslora"):
         return (f"{where}: use_rslora true scales by alpha/sqrt(r); a LoRA GGUF is applied with "
                 "alpha/r (one adapter.lora.alpha), so it would have the wrong strength. Use the merged GGUFs")
@@ -187,8 +193,9 @@ def config_refusal(config: dict, key: str) -> str | None:
     if is_moe(config, key) and experts:
         return (f"models.{key}.lora.target_modules: {', '.join(experts)} on a MoE trains expert LoRA "
                 "(PEFT lora.ParamWrapper on the fused expert tensors), which has no LoRA GGUF form: "
-                "llama.cpp's convert_lora_to_gguf.py cannot map those tensors and llama.cpp applies no "
-                f"per-expert LoRA. Use the merged GGUFs (results/{key}/*.gguf, results/{key}/Modelfile)")
+                "llama.cpp's convert_lora_to_gguf.py stops with 'Unprocessed experts' on it, and a LoRA "
+                "GGUF pair cannot hold per-expert deltas. Use the merged GGUFs "
+                f"(results/{key}/*.gguf, results/{key}/Modelfile)")
     if lora.get("use_rslora"):
         return (f"models.{key}.lora.use_rslora: true scales by alpha/sqrt(r); a LoRA GGUF is applied "
                 f"with alpha/r. Use the merged GGUFs (results/{key}/Modelfile)")
