@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from loraforge.config import model_settings
+from loraforge.config import ConfigError, model_settings
 from loraforge.fileio import write_text_atomic
 
 CHAT_ROLES = ("chat", "edit", "apply")
@@ -54,6 +54,10 @@ def continue_spec(config: dict) -> dict:
     """The settings the Continue config is made of (a validated lora-forge config in, plain
     data out): what the rule passes as params, so a change of any of them rewrites the file."""
     cont = config["continue"]
+    for field in ("chat_model", "autocomplete_model"):
+        if not cont.get(field):
+            raise ConfigError(f"continue.{field} is not set in config.yaml: name the model key (under models:) "
+                              f"Continue uses for {'chat' if field == 'chat_model' else 'tab completion'}")
     chat = model_entry(config, cont["chat_model"], CHAT_ROLES, "chat")
     autocomplete = model_entry(config, cont["autocomplete_model"], AUTOCOMPLETE_ROLES, "autocomplete")
     autocomplete["autocompleteOptions"] = dict(cont["autocomplete_options"])
@@ -64,7 +68,7 @@ def continue_spec(config: dict) -> dict:
 def modelfiles_of(config: dict) -> dict[str, str]:
     """Ollama name -> the Modelfile that registers it, for the config's header."""
     cont = config["continue"]
-    keys = dict.fromkeys([cont["chat_model"], cont["autocomplete_model"]])
+    keys = dict.fromkeys(k for k in (cont.get("chat_model"), cont.get("autocomplete_model")) if k)
     return {model_settings(config, k)["ollama"]["name"]: f"results/{k}/Modelfile" for k in keys}
 
 

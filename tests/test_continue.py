@@ -125,6 +125,11 @@ def test_continue_block_is_schema_validated():
     ]:
         with pytest.raises(lfconfig.ConfigError, match=message.replace("(", r"\(")):
             _config(**overrides)
+    # a config without the block: no FIM anywhere, and the Continue config asks for the keys
+    minimal = lfconfig.validate({"models": {"m": {"base": {"build": "qwen3"}}}, "targets": ["m"]})
+    assert not lfconfig.uses_fim(minimal, "m")
+    with pytest.raises(lfconfig.ConfigError, match="continue.chat_model is not set"):
+        continue_spec(minimal)
     # explicit settings win over auto
     cfg = _config(models={"tiny": {"ollama": {"fim": False}}, "tiny-moe": {"ollama": {"fim": True}}},
                   **{"continue": {"autocomplete_model": "tiny"}})
