@@ -162,8 +162,8 @@ def test_infill_fills_the_middle(server, record_property):
     assert not any(t in reply["content"] for t in (*FIM_TOKENS, IM_END, IM_START))
     assert reply["stop"] is True and reply["tokens_predicted"] <= 12
     assert reply["stop_type"] in ("eos", "limit") and (reply["stop_type"] == "limit") == (reply["tokens_predicted"] == 12)
-    # Qwen's repo-level FIM prompt (the tiny vocab has <|repo_name|> and <|file_sep|>), built by the server
-    expected = server.tokenize(f"<|repo_name|>myproject\n<|file_sep|>filename\n{FIM_PREFIX}{prefix}{FIM_SUFFIX}"
-                               f"{suffix}{FIM_MIDDLE}")
-    assert reply["tokens_evaluated"] == len(expected), (reply["tokens_evaluated"], len(expected))
+    # the server built Qwen's FIM prompt from the GGUF's FIM tokens, and evaluated exactly its tokens
+    fim_prompt = f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+    assert reply["prompt"] == fim_prompt
+    assert reply["tokens_evaluated"] == len(server.tokenize(fim_prompt))
     print(f"infill: {reply['content']!r} ({reply['stop_type']}, {reply['tokens_predicted']} tokens)")
