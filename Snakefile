@@ -26,6 +26,7 @@ include: "rules/ollama.smk"
 include: "rules/hub.smk"
 include: "rules/quality.smk"
 include: "rules/report.smk"
+include: "rules/ide.smk"
 
 
 rule all:

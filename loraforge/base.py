@@ -15,12 +15,14 @@ import random
 import time
 from pathlib import Path
 
-from loraforge.constants import CHATML_JINJA_TEMPLATE, ENDOFTEXT, IM_END, IM_START
-from loraforge.fileio import atomic_output, write_json_atomic
+from loraforge.constants import CHATML_JINJA_TEMPLATE, ENDOFTEXT, FIM_TOKENS, IM_END, IM_START
+from loraforge.fileio import atomic_output, partial_path, write_json_atomic
 from loraforge.tokenizer import load_tokenizer
 
 # ChatML, as Qwen uses it. <|im_end|> ends a turn (EOS for chat), <|endoftext|> ends a document.
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+# Qwen's fill-in-the-middle tokens too, so the FIM template (tab completion in an IDE) and
+# llama.cpp's /infill are tested on the tiny models: special here, CONTROL in the GGUF.
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, *FIM_TOKENS]
 EOS_TOKEN = IM_END
 PAD_TOKEN = ENDOFTEXT
 

@@ -120,6 +120,7 @@ def _check_semantics(config: dict) -> None:
                     f"folder {model['base']['path']} and delete them; lora-forge only consumes bases it built "
                     "or fetched itself. Use merge_mode link (or copy) for this model's base"
                 )
+    problems += _continue_problems(config)
     for key in models:
         settings = model_settings(config, key)
         if settings["lora"]["dropout"] > 0 and is_moe(config, key):
@@ -153,6 +154,29 @@ def _gpus_problems(config: dict) -> list[str]:
                 f"per GPU and requests train.gpus GPUs itself; set it to {gpus} or remove it"
             )
     return problems
+
+
+def _continue_problems(config: dict) -> list[str]:
+    """The continue block names models by key; results/continue/ must not be a model's folder."""
+    models = config["models"]
+    problems = []
+    for field in ("chat_model", "autocomplete_model"):
+        key = (config.get("continue") or {}).get(field)
+        if key is not None and key not in models:
+            problems.append(f"continue.{field}: unknown model key {key!r}; known: {', '.join(models)}")
+    if "continue" in models:
+        problems.append("models.continue: the key `continue` is taken by results/continue/ (the Continue "
+                        "config); name the model otherwise")
+    return problems
+
+
+def uses_fim(config: dict, key: str) -> bool:
+    """Whether a model's Modelfiles get the fill-in-the-middle TEMPLATE: ollama.fim true/false,
+    or auto (the default): the model Continue uses for tab completion (continue.autocomplete_model)."""
+    fim = model_settings(config, key)["ollama"].get("fim", "auto")
+    if fim == "auto":
+        return (config.get("continue") or {}).get("autocomplete_model") == key
+    return bool(fim)
 
 
 def check_paths(config: dict, root: str | Path = ".") -> None:

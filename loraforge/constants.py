@@ -51,6 +51,13 @@ def dtype_bytes(dtype: str) -> int:
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
+# Qwen's fill-in-the-middle tokens (Qwen2.5-Coder, Qwen3-Coder): a completion prompt is
+# <|fim_prefix|>{code before}<|fim_suffix|>{code after}<|fim_middle|>; <|repo_name|> and
+# <|file_sep|> carry repository context, <|fim_pad|> pads.
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+FIM_PAD, REPO_NAME, FILE_SEP = "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"
+FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PAD, REPO_NAME, FILE_SEP)
+
 # The HF chat template (Jinja) of the tiny bases: "<|im_start|>role\ncontent<|im_end|>\n" per
 # turn and "<|im_start|>assistant\n" to prompt the reply.
 CHATML_JINJA_TEMPLATE = (
@@ -89,6 +96,16 @@ CHATML_GO_TEMPLATE = (
     "{{ end }}<|im_start|>assistant\n"
     "{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>\n"
     "{{ end }}"
+)
+
+# The Ollama TEMPLATE of a model used for tab completion: Continue's Ollama provider uses the
+# model's native fill-in-the-middle (/api/generate with `suffix`) only when the TEMPLATE it reads
+# from /api/show mentions .Suffix; that branch writes Qwen's FIM prompt, every other request is
+# the ChatML chat above (as Ollama's own qwen2.5-coder template does). Rendered by Go in
+# tests/test_continue.py.
+FIM_GO_TEMPLATE = (
+    "{{- if .Suffix }}" + FIM_PREFIX + "{{ .Prompt }}" + FIM_SUFFIX + "{{ .Suffix }}" + FIM_MIDDLE + "\n"
+    "{{- else }}" + CHATML_GO_TEMPLATE + "\n{{- end }}"
 )
 
 # --------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from loraforge.errors import UserError
 
-from loraforge.constants import CHATML_GO_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+from loraforge.constants import (CHATML_GO_TEMPLATE, ENDOFTEXT, FIM_GO_TEMPLATE, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX,
+                                 IM_END, IM_START)
 from loraforge.fileio import write_text_atomic
 
 DEFAULT_STOP = (IM_START, IM_END, ENDOFTEXT)
@@ -417,21 +418,31 @@ def _param_value(v: str) -> str:
 
 def render_modelfile(gguf_path_relative: str, system: str | None, temperature: float, top_p: float,
                      num_ctx: int, stop=DEFAULT_STOP, template: str | None = CHATML_GO_TEMPLATE, *,
-                     extra_parameters: dict | None = None, header: str | None = None) -> str:
-    """A Modelfile: FROM (the GGUF, relative to the Modelfile: ./Q5_K_M.gguf), TEMPLATE
-    (ChatML), SYSTEM (triple-quoted), PARAMETER temperature/top_p/num_ctx and one PARAMETER
-    stop per stop string (without <|im_end|>/<|im_start|> a Qwen fine-tune never stops)."""
-    src = str(gguf_path_relative).replace(os.sep, "/")
-    if not (src.startswith(("./", "../", "/", "~"))):
-        src = "./" + src
-    if src != src.strip() or "\n" in src:
-        raise ValueError(f"unusable FROM path {src!r}")
+                     extra_parameters: dict | None = None, header: str | None = None,
+                     adapter_path_relative: str | None = None) -> str:
+    """A Modelfile: FROM (the GGUF, relative to the Modelfile: ./Q5_K_M.gguf), ADAPTER (a LoRA
+    GGUF applied on top of FROM, when given), TEMPLATE (ChatML), SYSTEM (triple-quoted),
+    PARAMETER temperature/top_p/num_ctx and one PARAMETER stop per stop string (without
+    <|im_end|>/<|im_start|> a Qwen fine-tune never stops)."""
+
+    def relative(path: str, what: str) -> str:
+        p = str(path).replace(os.sep, "/")
+        if not (p.startswith(("./", "../", "/", "~"))):
+            p = "./" + p
+        if p != p.strip() or "\n" in p:
+            raise ValueError(f"unusable {what} path {p!r}")
+        return p
+
+    src = relative(gguf_path_relative, "FROM")
     if not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx <= 0:
         raise ValueError(f"num_ctx must be a positive int, got {num_ctx!r}")
     lines = []
     if header:
         lines += [f"# {h}" if h else "#" for h in header.splitlines()] + [""]
-    lines += [f"FROM {src}", ""]
+    lines += [f"FROM {src}"]
+    if adapter_path_relative is not None:
+        lines.append(f"ADAPTER {relative(adapter_path_relative, 'ADAPTER')}")
+    lines.append("")
     if template:
         lines += [f"TEMPLATE {_triple_quoted(template, 'TEMPLATE')}", ""]
     if system:
@@ -524,6 +535,39 @@ def stop_tokens(model_dir: str | os.PathLike) -> list[str]:
     return sorted(out, key=lambda t: (order.get(t, len(order)), out.index(t)))
 
 
+def tokenizer_tokens(model_dir: str | os.PathLike) -> tuple[set[str], list[Path]]:
+    """Every token text of a model folder's tokenizer (tokenizer.json's vocabulary and added
+    tokens, tokenizer_config.json's added_tokens_decoder) and the files read."""
+    d = Path(model_dir)
+    tokens: set[str] = set()
+    read = []
+    tok = _read_json(d / "tokenizer.json")
+    if tok:
+        read.append(d / "tokenizer.json")
+        vocab = (tok.get("model") or {}).get("vocab") or {}
+        tokens.update(vocab if isinstance(vocab, dict) else (v[0] for v in vocab if isinstance(v, list)))
+        tokens.update(t for t in map(_token_text, tok.get("added_tokens") or []) if t)
+    cfg = _read_json(d / "tokenizer_config.json")
+    if cfg:
+        read.append(d / "tokenizer_config.json")
+        tokens.update(t for t in map(_token_text, (cfg.get("added_tokens_decoder") or {}).values()) if t)
+    return tokens, read
+
+
+def check_fim_tokens(model_dir: str | os.PathLike) -> None:
+    """The fill-in-the-middle TEMPLATE writes <|fim_prefix|>, <|fim_suffix|> and <|fim_middle|>:
+    each must be a token of the model's tokenizer, or the model would see them as plain text
+    and complete nonsense. Raises ModelfileError naming the token and the tokenizer file."""
+    tokens, read = tokenizer_tokens(model_dir)
+    files = " and ".join(map(str, read)) or f"{model_dir} (no tokenizer.json or tokenizer_config.json)"
+    missing = [t for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE) if t not in tokens]
+    if missing:
+        raise ModelfileError(
+            f"fill-in-the-middle TEMPLATE: {', '.join(missing)} is not a token of the tokenizer in {files}; "
+            "this model was not trained for FIM (Qwen2.5-Coder and Qwen3-Coder are). Set "
+            "models.<key>.ollama.fim: false, or use another continue.autocomplete_model")
+
+
 def is_chatml(model_dir: str | os.PathLike) -> bool:
     t = chat_template_of(model_dir) or ""
     return "<|im_start|>" in t and "<|im_end|>" in t
@@ -531,24 +575,33 @@ def is_chatml(model_dir: str | os.PathLike) -> bool:
 
 def modelfile_for_model(gguf_path: str | os.PathLike, modelfile_path: str | os.PathLike,
                         base_dir: str | os.PathLike, *, system: str | None, temperature: float,
-                        top_p: float, num_ctx: int, template: str | None = None, header: str | None = None) -> str:
+                        top_p: float, num_ctx: int, template: str | None = None, header: str | None = None,
+                        fim: bool = False, adapter_path: str | os.PathLike | None = None) -> str:
     """Render the Modelfile at modelfile_path for gguf_path (FROM relative to the Modelfile),
     stop tokens and the template kind from the HF folder base_dir: a ChatML chat template
     (or none at all: Qwen's ChatML is assumed, with a warning on stderr) gets CHATML_GO_TEMPLATE;
-    any other chat template needs an explicit Ollama `template`."""
+    any other chat template needs an explicit Ollama `template`. fim: the ChatML template with
+    Qwen's fill-in-the-middle branch (FIM_GO_TEMPLATE), after checking the tokenizer has the FIM
+    tokens. adapter_path: a LoRA GGUF for an ADAPTER line (FROM is then the base's GGUF)."""
+    if fim:
+        if template is not None:
+            raise ValueError("fim=True writes its own TEMPLATE; do not pass one")
+        check_fim_tokens(base_dir)
     if template is None:
         if chat_template_of(base_dir) is None:
             print(f"warning: {base_dir} has no chat template; assuming ChatML (Qwen)", file=sys.stderr)
         elif not is_chatml(base_dir):
             raise ValueError(f"{base_dir}: the chat template is not ChatML (<|im_start|>/<|im_end|>); "
                              "pass an Ollama template explicitly")
-        template = CHATML_GO_TEMPLATE
+        template = FIM_GO_TEMPLATE if fim else CHATML_GO_TEMPLATE
     stops = stop_tokens(base_dir)
-    if template == CHATML_GO_TEMPLATE:  # the markers the template writes always stop a reply
+    if template in (CHATML_GO_TEMPLATE, FIM_GO_TEMPLATE):  # the markers the template writes always stop a reply
         stops = list(dict.fromkeys([*DEFAULT_STOP, *stops]))
-    rel = os.path.relpath(Path(gguf_path).resolve(), Path(modelfile_path).resolve().parent)
+    here = Path(modelfile_path).resolve().parent
+    rel = os.path.relpath(Path(gguf_path).resolve(), here)
+    adapter_rel = None if adapter_path is None else os.path.relpath(Path(adapter_path).resolve(), here)
     return render_modelfile(rel, system, temperature, top_p, num_ctx, stop=stops,
-                            template=template, header=header)
+                            template=template, header=header, adapter_path_relative=adapter_rel)
 
 
 def write_modelfile(path: str | os.PathLike, text: str) -> Path:
@@ -563,15 +616,17 @@ def write_modelfile(path: str | os.PathLike, text: str) -> Path:
 
 def write_model_modelfile(path: str | os.PathLike, gguf_path: str | os.PathLike, base_dir: str | os.PathLike, *,
                           name: str | None, system: str | None, temperature: float, top_p: float,
-                          num_ctx: int) -> Path:
+                          num_ctx: int, fim: bool = False, adapter_path: str | os.PathLike | None = None) -> Path:
     """The write_modelfile rule: render the model's Modelfile (`modelfile_for_model`, with a
     header saying how to register it as `name`, default the folder's name), validate and write
-    it (`write_modelfile`)."""
+    it (`write_modelfile`). fim: with the fill-in-the-middle TEMPLATE (tab completion);
+    adapter_path: FROM the base's GGUF plus ADAPTER (the adapter-only variant)."""
     out = Path(path)
     name = name or out.parent.name
     text = modelfile_for_model(
         gguf_path, out, base_dir, system=system, temperature=temperature, top_p=top_p, num_ctx=num_ctx,
         header=f"{name}, generated by lora-forge. Register it with:\n  ollama create {name} -f {out}",
+        fim=fim, adapter_path=adapter_path,
     )
     write_modelfile(out, text)
     print(f"wrote {out} (validated with Ollama's parser rules)\n{text}")

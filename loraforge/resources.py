@@ -207,6 +207,10 @@ def rule_outputs(config: Mapping, rule: str, model: str, wildcards: Mapping) -> 
         "reference_gguf": [f"{d}/eval/reference-F16.gguf"],
         "base_gguf": [f"{d}/eval/base-Q8_0.gguf"],
         "reference_logits": [f"{d}/eval/{P.REFERENCE_LOGITS}"],
+        # the adapter-only path (rules/ide.smk): the un-fine-tuned base as GGUF, the adapter as GGUF
+        "convert_base_gguf": [f"{d}/base.{export.get('intermediate', 'Q8_0')}.gguf"],
+        "quantize_base_gguf": [f"{d}/base.{wildcards.get('quant')}.gguf"] if wildcards.get("quant") else [],
+        "convert_adapter_gguf": [f"{d}/adapter.gguf"],
     }.get(rule, [])
 
 

@@ -9,6 +9,7 @@ sys.path.insert(0, workflow.basedir)  # the loraforge package next to this Snake
 from snakemake.exceptions import WorkflowError
 
 import loraforge.config as lfconfig
+import loraforge.continue_config as lfcontinue
 import loraforge.resources as lfresources
 from loraforge import workflow_hooks
 from loraforge.train_monitor import NOT_RECORDED
@@ -180,6 +181,15 @@ def quality_outputs(model):
 def train_gpus(model):
     """GPUs a training job of `model` asks for (the cost table's GPU-hours); None: not set."""
     return lfresources.resource(config, "train_adapter", "gpu", model=model)
+def adapter_gguf_source(model):
+    """The adapter, for convert_adapter_gguf; refuses before any job runs what has no LoRA GGUF
+    form (expert LoRA on a MoE, rsLoRA: loraforge.adapter_gguf.config_refusal)."""
+    from loraforge.adapter_gguf import config_refusal
+
+    reason = config_refusal(config, model)
+    if reason:
+        raise WorkflowError(f"results/{model}/adapter.gguf: {reason}")
+    return f"results/{model}/adapter"
 
 
 def get_final_outputs():

@@ -22,6 +22,8 @@ rule write_modelfile:
         temperature=lambda w: settings(w.model)["ollama"]["temperature"],
         top_p=lambda w: settings(w.model)["ollama"]["top_p"],
         num_ctx=lambda w: settings(w.model)["ollama"]["num_ctx"],
+        # the fill-in-the-middle TEMPLATE for the model Continue completes code with (ollama.fim)
+        fim=lambda w: lfconfig.uses_fim(config, w.model),
     script:
         "../scripts/write_modelfile.py"
 

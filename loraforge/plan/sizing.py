@@ -212,8 +212,13 @@ def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample
             return L.base_bytes
         if name == "merged":
             return L.merged_bytes("copy")
+        if name == "adapter.gguf" and arch is not None:  # the LoRA GGUF (convert_adapter_gguf: f16)
+            return S.lora_adapter_bytes(arch, _lora_rank(config, step.model or ""),
+                                        _targets_of(config, step.model or "", results_dir), dtype="float16")
         if name.endswith(".gguf"):
-            t = name[: -len(".gguf")].rsplit("-", 1)[-1]  # eval/reference-F16.gguf, eval/base-Q8_0.gguf
+            # eval/reference-F16.gguf, eval/base-Q8_0.gguf (the evaluation), base.Q5_K_M.gguf (the
+            # adapter-only path): the un-fine-tuned base's GGUFs have the merged ones' size
+            t = name[: -len(".gguf")].removeprefix("base.").rsplit("-", 1)[-1]
             try:
                 t = S.ftype_name(t)
             except ValueError:
