@@ -181,6 +181,8 @@ def quality_outputs(model):
 def train_gpus(model):
     """GPUs a training job of `model` asks for (the cost table's GPU-hours); None: not set."""
     return lfresources.resource(config, "train_adapter", "gpu", model=model)
+
+
 def adapter_gguf_source(model):
     """The adapter, for convert_adapter_gguf; refuses before any job runs what has no LoRA GGUF
     form (expert LoRA on a MoE, rsLoRA: loraforge.adapter_gguf.config_refusal)."""
