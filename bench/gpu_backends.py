@@ -347,12 +347,14 @@ def run_tag(args) -> str:
     return f"{args.shape}-{args.layers or 'all'}-{args.backend}-{'q4' if args.q4 else 'bf16'}-{args.seq}-b{args.batch}x{args.accum}{ckpt}"
 
 
-def run_child(argv: list[str], log, timeout: int) -> dict:
+def run_child(argv: list[str], log, timeout: int, script: str | Path = __file__) -> dict:
+    """`script` with `argv` as a fresh process (so peak memory and patch state do not leak), its
+    output appended to `log`; its --result JSON, else the error (out of GPU memory, timeout, rc)."""
     res = Path(argv[argv.index("--result") + 1])
     res.unlink(missing_ok=True)
     t0 = time.time()
     try:
-        p = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        p = subprocess.run([sys.executable, str(script), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, timeout=timeout)
         output, rc = p.stdout, p.returncode
     except subprocess.TimeoutExpired as e:

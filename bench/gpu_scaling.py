@@ -211,23 +211,7 @@ def main(argv=None):
 
 def run_child(argv: list[str], log, timeout: int) -> dict:
     """This script as a child (a fresh process per run), with gpu_backends' result handling."""
-    import subprocess
-
-    res = Path(argv[argv.index("--result") + 1])
-    res.unlink(missing_ok=True)
-    t0 = time.time()
-    try:
-        p = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, timeout=timeout)
-        output, rc = p.stdout, p.returncode
-    except subprocess.TimeoutExpired as e:
-        output, rc = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout) or "", "timeout"
-    log.write(f"\n===== {' '.join(argv)} rc={rc} {time.time() - t0:.1f}s =====\n{output[-20000:]}\n")
-    log.flush()
-    if res.exists():
-        return json.loads(res.read_text())
-    oom = "OutOfMemoryError" in output or "CUDA out of memory" in output
-    return {"error": "out of GPU memory" if oom else f"rc={rc}", "tail": output[-3000:]}
+    return GB.run_child(argv, log, timeout, script=__file__)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -375,20 +374,11 @@ def child_sanity(args) -> dict:
 
 
 def run_child(argv: list[str], log, timeout: int) -> dict:
-    res_file = Path(argv[argv.index("--result") + 1])
-    res_file.unlink(missing_ok=True)
-    t0 = time.time()
-    try:
-        p = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, timeout=timeout)
-        output, rc = p.stdout, p.returncode
-    except subprocess.TimeoutExpired as e:
-        output, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
-    log.write(f"\n===== child {' '.join(argv)} rc={rc} {time.time() - t0:.1f}s =====\n{output}\n")
-    log.flush()
-    if res_file.exists():
-        return json.loads(res_file.read_text())
-    return {"error": f"rc={rc}", "tail": output[-4000:]}
+    """This script as a child (a fresh process per run), with gpu_backends' result handling."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_backends import run_child as run_script
+
+    return run_script(argv, log, timeout, script=__file__)
 
 
 def gib(x):
