@@ -90,6 +90,7 @@ def write_config(workdir: Path, base: Path, seq: int, steps: int, backend: str) 
                     "save_steps": max(steps // 2, 1), "eval_steps": max(steps // 2, 1)}
     e2e["ollama"] = {"name": "rails-coder-30b-e2e"}
     cfg["models"] = {"e2e": e2e}
+    cfg.pop("continue", None)  # it names the shipped 30b and 3b
     cfg["targets"] = ["e2e"]
     cfg["data"]["samples"] = str(ROOT / "data" / "rails_chat.jsonl")
     cfg.pop("tiny_base", None)
