@@ -114,18 +114,17 @@ def test_quality_table_of_the_pipeline(pipeline, model):
     rows = _tsv(pipeline / "results" / model / "quality.tsv")
     assert list(rows[0]) == Q.QUALITY_COLUMNS
     by = {r["quant"]: r for r in rows}
-    assert set(by) == {"F16", "Q8_0", "Q4_K_M", "Q5_K_M"}
-    for q in ("Q8_0", "Q4_K_M", "Q5_K_M"):
+    assert set(by) == {"F16", "Q4_K_M", "Q5_K_M"}  # the kept quants (not the temp Q8_0 intermediate)
+    for q in ("Q4_K_M", "Q5_K_M"):
         r = by[q]
-        if q != "Q8_0":  # the Q8_0 intermediate is temp: gone after the run
-            assert int(r["size_bytes"]) == os.path.getsize(pipeline / "results" / model / f"{q}.gguf")
+        assert int(r["size_bytes"]) == os.path.getsize(pipeline / "results" / model / f"{q}.gguf")
         assert 0 <= float(r["kld_median"]) <= float(r["kld_p99"])
         assert 0 < float(r["same_top_pct"]) <= 100
     # fewer bits, more divergence: llama.cpp's ordering holds on the tiny models too
-    kld = {q: float(by[q]["kld_mean"]) for q in ("Q8_0", "Q5_K_M", "Q4_K_M")}
-    assert kld["Q8_0"] < kld["Q5_K_M"] < kld["Q4_K_M"]
+    kld = {q: float(by[q]["kld_mean"]) for q in ("F16", "Q5_K_M", "Q4_K_M")}
+    assert kld["F16"] == 0 < kld["Q5_K_M"] < kld["Q4_K_M"]
     bpw = {q: float(by[q]["bits_per_weight"]) for q in by}
-    assert bpw["F16"] > bpw["Q8_0"] > bpw["Q5_K_M"] > bpw["Q4_K_M"]
+    assert bpw["F16"] > bpw["Q5_K_M"] > bpw["Q4_K_M"]
     # the temp files are gone, the summary says how big the logits file was (the size model's)
     eval_dir = pipeline / "results" / model / "eval"
     assert not (eval_dir / "reference.logits").exists() and not (eval_dir / "reference-F16.gguf").exists()
@@ -187,5 +186,5 @@ def test_plan_says_whether_quantizing_from_16_bit_would_fit(tmp_path):
     notes = {q: " ".join(plan_steps(steps, cfg, workdir=tmp_path, quota=q, free=10**15, merge_mode="link").notes)
              for q in ("1000GB", "100GB")}
     for note in notes.values():
-        assert "requantized from Q8_0" in note and "no measurable KLD cost" in note
+        assert "requantized from Q8_0" in note and "requantized/direct" in note
     assert notes["1000GB"].endswith("it fits") and notes["100GB"].endswith("it does not fit")

@@ -152,7 +152,14 @@ def test_q4_after_q8_deleted_reruns_export_chain_never_training(work):
     assert (work / "results/tiny/Q4_K_M.gguf").exists()
     assert mtimes(work, "results/tiny/Q5_K_M.gguf") == q5
     assert mtimes(work, "results/tiny/adapter/*") == adapter
-    assert planned_jobs(work) <= {("check_gguf", "tiny", "Q4_K_M"), ("memory_table", "tiny", None)}
+    # `all` then refreshes what reads the new Q4_K_M: its check, the memory table, and the quality
+    # evaluation, which re-creates its temp reference from the adapter (merge, F16, logits) and
+    # its temp base GGUF; never training, never the other quant
+    rest = planned_jobs(work)
+    evaluation = {("merge_adapter", "tiny", None), ("reference_gguf", "tiny", None), ("reference_logits", "tiny", None),
+                  ("evaluate", "tiny", None), ("base_gguf", "tiny", None), ("conventions_score", "tiny", None)}
+    assert {("check_gguf", "tiny", "Q4_K_M"), ("memory_table", "tiny", None)} <= rest
+    assert rest <= {("check_gguf", "tiny", "Q4_K_M"), ("memory_table", "tiny", None)} | evaluation
 
 
 # --- adapter safety -----------------------------------------------------------------------
