@@ -204,7 +204,7 @@ def test_fim_template_renders_qwen_fim_and_the_chat(tmp_path, pipeline):
 
     from loraforge.modelfile import chat_template_of
     from loraforge.tokenizer import load_tokenizer
-    from test_modelfile import GO_PROGRAM
+    from test_modelfile import render_with_go
 
     prefix, suffix = "class Post < ApplicationRecord\n  def publish!\n    ", "\n  end\nend\n"
     msgs = [("system", "You are a Rails expert."), ("user", "Refactor:\nclass A; end")]
@@ -214,15 +214,7 @@ def test_fim_template_renders_qwen_fim_and_the_chat(tmp_path, pipeline):
         {"System": msgs[0][1], "Messages": M, "Response": ""},  # chat API
         {"System": msgs[0][1], "Prompt": msgs[1][1], "Response": ""},  # generate API without suffix
     ]
-    (tmp_path / "main.go").write_text(GO_PROGRAM)
-    (tmp_path / "t.tmpl").write_text(FIM_GO_TEMPLATE)
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"), GO111MODULE="off",
-               GOFLAGS="", GOTOOLCHAIN="local")
-    proc = subprocess.run(["go", "run", "main.go", "t.tmpl", "cases.json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    fim, chat, legacy = json.loads(proc.stdout)
+    fim, chat, legacy = render_with_go(tmp_path, FIM_GO_TEMPLATE, cases)
     assert fim == f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
     base = pipeline / "results" / "tiny" / "base"  # the tiny tokenizer, as built by the workflow
     expected = Template(chat_template_of(base)).render(

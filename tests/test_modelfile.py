@@ -392,6 +392,19 @@ func main() {
 
 
 @pytest.mark.slow
+def render_with_go(tmp_path, template: str, cases: list[dict]) -> list[str]:
+    """Each case rendered by Go's text/template (Ollama's engine) with `template`."""
+    (tmp_path / "main.go").write_text(GO_PROGRAM)
+    (tmp_path / "t.tmpl").write_text(template)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"), GO111MODULE="off",
+               GOFLAGS="", GOTOOLCHAIN="local")
+    proc = subprocess.run(["go", "run", "main.go", "t.tmpl", "cases.json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
 def test_chatml_template_renders_like_the_hf_chat_template(tmp_path, tiny_bases):
     """Ollama's chat API passes .System (the joined system messages) and .Messages (system
@@ -410,15 +423,7 @@ def test_chatml_template_renders_like_the_hf_chat_template(tmp_path, tiny_bases)
         {"System": msgs[0][1], "Prompt": msgs[1][1], "Response": msgs[2][1]},  # legacy: 1st turn
         {"System": "", "Prompt": msgs[3][1], "Response": ""},  # legacy: last turn
     ]
-    (tmp_path / "main.go").write_text(GO_PROGRAM)
-    (tmp_path / "t.tmpl").write_text(CHATML_GO_TEMPLATE)
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"), GO111MODULE="off",
-               GOFLAGS="", GOTOOLCHAIN="local")
-    proc = subprocess.run(["go", "run", "main.go", "t.tmpl", "cases.json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    chat, chat_nosys, legacy1, legacy2 = json.loads(proc.stdout)
+    chat, chat_nosys, legacy1, legacy2 = render_with_go(tmp_path, CHATML_GO_TEMPLATE, cases)
     hf = Template(chat_template_of(tiny_bases["qwen3"]))
 
     def render(ms):
