@@ -487,7 +487,7 @@ class _InputReleaser:
 
 
 def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=None,
-             release_input: str | os.PathLike | bool = False) -> Path:
+             release_input: str | os.PathLike | bool = False, imatrix: str | os.PathLike | None = None) -> Path:
     """Quantize a GGUF with llama.cpp (llama_model_quantize, allow_requantize=True).
 
     qtype: any llama.cpp type name (see quant_types()). Works from a Q8_0 intermediate
@@ -496,7 +496,11 @@ def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=N
     release_input (consume mode): a consumers file of the input (see `release_decision`) or
     True; when the decision allows it, the input is freed tensor by tensor while it is
     quantized and deleted at the end (see the module docstring); otherwise, and with False,
-    it is left as it is. The output is the same either way."""
+    it is left as it is. The output is the same either way.
+
+    imatrix (export.imatrix): an importance matrix from llama-imatrix (`compute_imatrix`); the
+    quantization then runs llama.cpp's llama-quantize tool (the C API takes the matrix only as a
+    C++ map) and never releases its input."""
     import llama_cpp
 
     src, out = Path(in_gguf), Path(out_gguf)
@@ -506,6 +510,8 @@ def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(out)
     tmp.unlink(missing_ok=True)
+    if imatrix is not None:
+        return quantize_with_tool(src, out, qtype, threads, imatrix=imatrix, log=log)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = int(threads or 0)
@@ -566,6 +572,79 @@ def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=N
         finally:
             if releaser is not None and not releaser.closed:  # interrupted
                 releaser.abort()
+    return out
+
+
+def _run_tool(cmd: list[str], log, what: str, out: Path, tmp: Path) -> None:
+    """Run a llama.cpp tool writing `tmp`; on success rename it to `out` (never a half-written
+    file under the final name); on failure remove it and raise naming the disk when it is full."""
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    started = time.time()
+    with _log_target(log) as f:
+        _write(f, " ".join(cmd))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=llamacpp.llama_tool_env())
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            if f is not None:
+                f.write(line)
+        rc = proc.wait()
+        problem = None if rc == 0 and tmp.is_file() else f"{cmd[0]} failed (rc {rc}) {what}"
+        if problem is None:
+            try:
+                _check_magic(tmp)
+            except RuntimeError as e:
+                problem = str(e)
+        if problem is not None:
+            disk_full = looks_like_disk_full(text="\n".join(tail)) or nearly_full([tmp])
+            tmp.unlink(missing_ok=True)
+            _write(f, f"FAILED after {time.time() - started:.1f}s: {problem}")
+            if disk_full:
+                raise DiskFullError(disk_full_message(out, what))
+            raise RuntimeError(problem + "\n" + "\n".join(tail))
+        os.replace(tmp, out)
+        _write(f, f"{what} -> {out} ({out.stat().st_size} bytes) in {time.time() - started:.1f}s")
+
+
+def quantize_with_tool(in_gguf, out_gguf, qtype: str, threads: int | None = None, *,
+                       imatrix: str | os.PathLike | None = None, log=None) -> Path:
+    """Quantize with llama.cpp's llama-quantize tool in its own process (allow-requantize): the
+    one way to pass an importance matrix, and safe inside a process that already ran llama.cpp
+    through ctypes."""
+    # no llama_cpp import here (ftype_for): in the evaluation's process, loading llama_cpp beside
+    # pandas ended in heap corruption at exit; the tool itself names an unknown type
+    src, out = Path(in_gguf), Path(out_gguf)
+    if not src.is_file():
+        raise FileNotFoundError(src)
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise FileNotFoundError(f"importance matrix {imatrix} not found (rule imatrix writes it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(out)
+    tmp.unlink(missing_ok=True)
+    cmd = [str(llamacpp.llama_tool("llama-quantize")), "--allow-requantize"]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += [str(src), str(tmp), qtype.upper()]
+    if threads:
+        cmd.append(str(int(threads)))
+    with_matrix = f" with importance matrix {imatrix}" if imatrix is not None else ""
+    _run_tool(cmd, log, f"quantizing {src} to {qtype.upper()}{with_matrix}", out, tmp)
+    return out
+
+
+def compute_imatrix(gguf, text_file, out, *, ctx: int, chunks: int, threads: int | None = None, log=None) -> Path:
+    """llama-imatrix over a text file (the training split): the mean squared activation feeding
+    each weight column, which llama-quantize --imatrix uses to keep the columns that matter most
+    more precisely. At most `chunks` chunks of `ctx` tokens; written as GGUF (by its name)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".partial.gguf")  # llama-imatrix picks its format by the name
+    tmp.unlink(missing_ok=True)
+    cmd = [str(llamacpp.llama_tool("llama-imatrix")), "-m", str(gguf), "-f", str(text_file), "-o", str(tmp),
+           "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "--no-ppl"]
+    if threads:
+        cmd += ["-t", str(int(threads))]
+    _run_tool(cmd, log, f"importance matrix of {gguf} over {text_file}", out, tmp)
     return out
 
 

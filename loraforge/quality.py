@@ -38,6 +38,8 @@ QUALITY_COLUMNS = [
     "kld_median",
     "kld_p99",
     "same_top_pct",
+    "imatrix",  # the quant was made with export.imatrix's importance matrix
+    "kld_mean_without_imatrix",  # then: the same quant made without it, from the same intermediate
 ]
 
 # The logits file starts with a magic and n_ctx, n_vocab, n_chunk (llama.cpp perplexity.cpp)
@@ -260,6 +262,7 @@ def quality_row(quant: str, gguf, kld: dict, reference_ppl: float) -> dict:
         "kld_median": kld["kld_median"],
         "kld_p99": kld["kld_p99"],
         "same_top_pct": kld["same_top_pct"],
+        "imatrix": False,
     }
 
 
@@ -275,8 +278,12 @@ def kld_against(logits, gguf, *, ctx: int, chunks: int, threads: int | None, log
 
 
 def evaluate(logits, reference_summary, ggufs: dict[str, str], out_tsv, *, ctx: int, chunks: int,
-             threads: int | None, log, reference_name: str = "F16") -> pd.DataFrame:
-    """quality.tsv: the reference's row (its size and perplexity, KLD 0) and one row per quant."""
+             threads: int | None, log, reference_name: str = "F16", intermediate=None) -> pd.DataFrame:
+    """quality.tsv: the reference's row (its size and perplexity, KLD 0) and one row per quant.
+
+    intermediate (the quants were made with an importance matrix): each quant is also made
+    without it from this intermediate, measured the same way (kld_mean_without_imatrix), and
+    deleted; one such file exists at a time."""
     ref = json.loads(Path(reference_summary).read_text())
     ref_ppl = float(ref["ppl"])
     rows = []
@@ -289,8 +296,25 @@ def evaluate(logits, reference_summary, ggufs: dict[str, str], out_tsv, *, ctx: 
         rows.append(quality_row(quant, gguf, kld, ref_ppl))
         _progress(log, f"{quant}: PPL {kld['ppl']:.4g} ({rows[-1]['ppl_change_pct']:+.2f}%), "
                        f"mean KLD {kld['kld_mean']:.6f}, same top {kld['same_top_pct']:.2f}%")
+        if intermediate is not None:
+            rows[-1]["imatrix"] = True
+            rows[-1]["kld_mean_without_imatrix"] = _kld_without_imatrix(
+                intermediate, quant, Path(out_tsv).parent, logits, ctx=ctx, chunks=chunks, threads=threads, log=log)
+            _progress(log, f"{quant} without the importance matrix: mean KLD {rows[-1]['kld_mean_without_imatrix']:.6f}")
     write_text_atomic(out_tsv, format_quality(rows))
     return pd.DataFrame.from_records(rows, columns=QUALITY_COLUMNS)
+
+
+def _kld_without_imatrix(intermediate, quant: str, folder: Path, logits, *, ctx: int, chunks: int,
+                         threads: int | None, log) -> float:
+    from loraforge.gguf import quantize_with_tool
+
+    plain = folder / "eval" / f"{quant}-without-imatrix.gguf"
+    try:
+        quantize_with_tool(intermediate, plain, quant, threads, log=log)
+        return kld_against(logits, plain, ctx=ctx, chunks=chunks, threads=threads, log=log)["kld_mean"]
+    finally:
+        plain.unlink(missing_ok=True)
 
 
 def _progress(log, message: str) -> None:

@@ -32,6 +32,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 from loraforge import sizes as S
+from loraforge.plan.intermediate import candidate_intermediates, resolve_intermediate
 
 # the names a rule may declare; threads is Snakemake's `threads:`, the rest are `resources:`
 INT_RESOURCES = ("mem_mb", "disk_mb", "runtime", "gpu", "nodes")
@@ -168,7 +169,7 @@ def _artifact_estimates(config_json: str, model: str, cwd: str) -> dict[str, int
     out[f"{d}/adapter"] = S.lora_adapter_bytes(arch, P._lora_rank(config, model),
                                                P._targets_of(config, model, RESULTS_DIR))
     export = config.get("export") or {}
-    for ftype in {export.get("intermediate", "Q8_0"), *(export.get("quants") or [])}:
+    for ftype in {*candidate_intermediates(config), *(export.get("quants") or [])}:
         try:
             out[f"{d}/{S.ftype_name(ftype)}.gguf"] = S.gguf_bytes(arch, ftype)
         except ValueError:
@@ -202,13 +203,13 @@ def rule_outputs(config: Mapping, rule: str, model: str, wildcards: Mapping) -> 
         "prepare_data": [f"{d}/data/train.jsonl", f"{d}/data/validation.jsonl"],
         "train_adapter": [f"{d}/adapter"],
         "merge_adapter": [f"{d}/merged"],
-        "convert_gguf": [f"{d}/{wildcards.get('intermediate', export.get('intermediate', 'Q8_0'))}.gguf"],
+        "convert_gguf": [f"{d}/{wildcards.get('intermediate') or resolve_intermediate(config, model).ftype}.gguf"],
         "quantize_gguf": [f"{d}/{wildcards.get('quant')}.gguf"] if wildcards.get("quant") else [],
         "reference_gguf": [f"{d}/eval/reference-F16.gguf"],
         "base_gguf": [f"{d}/eval/base-Q8_0.gguf"],
         "reference_logits": [f"{d}/eval/{P.REFERENCE_LOGITS}"],
         # the adapter-only path (rules/ide.smk): the un-fine-tuned base as GGUF, the adapter as GGUF
-        "convert_base_gguf": [f"{d}/base.{export.get('intermediate', 'Q8_0')}.gguf"],
+        "convert_base_gguf": [f"{d}/base.{wildcards.get('intermediate') or resolve_intermediate(config, model).ftype}.gguf"],
         "quantize_base_gguf": [f"{d}/base.{wildcards.get('quant')}.gguf"] if wildcards.get("quant") else [],
         "convert_adapter_gguf": [f"{d}/adapter.gguf"],
     }.get(rule, [])

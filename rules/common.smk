@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 
 import loraforge.config as lfconfig
 import loraforge.continue_config as lfcontinue
+import loraforge.plan.intermediate as lfintermediate
 import loraforge.resources as lfresources
 from loraforge import workflow_hooks
 from loraforge.train_monitor import NOT_RECORDED
@@ -22,9 +23,12 @@ except lfconfig.ConfigError as e:
 
 MODELS = list(config["models"])
 EXPORT = config["export"]
-INTERMEDIATE = EXPORT["intermediate"]
-# A final quant that is also the intermediate is simply kept (not temp) by convert_gguf.
-FINAL_QUANTS = [q for q in EXPORT["quants"] if q != INTERMEDIATE]
+# The types the intermediate GGUF can have: the one set, or under auto F16 or Q8_0 per model
+# (intermediate_of). A final quant that is also the intermediate is simply kept (not temp) by
+# convert_gguf; auto then takes that type for every model.
+INTERMEDIATE_TYPES = lfintermediate.candidate_intermediates(config)
+KEEP_INTERMEDIATE = any(t in EXPORT["quants"] for t in INTERMEDIATE_TYPES)
+FINAL_QUANTS = [q for q in EXPORT["quants"] if q not in INTERMEDIATE_TYPES]
 
 
 def _alternatives(names):
@@ -38,7 +42,7 @@ HUB_MODELS = [m for m in MODELS if "hub" in config["models"][m]["base"]]
 wildcard_constraints:
     model=_alternatives(MODELS),
     quant=_alternatives(FINAL_QUANTS),
-    intermediate=re.escape(INTERMEDIATE),
+    intermediate=_alternatives(INTERMEDIATE_TYPES),
 
 
 def settings(model):
@@ -81,8 +85,34 @@ def get_base_complete(wildcards):
     return f"results/{wildcards.model}/base.complete"
 
 
+_intermediates = {}
+
+
+def intermediate_of(model):
+    """The model's intermediate GGUF type (export.intermediate; auto: F16 when the export from
+    16-bit fits disk_quota, planned from config.yaml alone, else Q8_0: loraforge.plan.intermediate).
+    Decided on first use, so only the models a run touches are planned."""
+    if model not in _intermediates:
+        _intermediates[model] = lfintermediate.resolve_intermediate(config, model).ftype
+    return _intermediates[model]
+
+
 def get_intermediate_gguf(wildcards):
-    return f"results/{wildcards.model}/{INTERMEDIATE}.gguf"
+    return f"results/{wildcards.model}/{intermediate_of(wildcards.model)}.gguf"
+
+
+IMATRIX = EXPORT["imatrix"]
+
+
+def get_imatrix(wildcards):
+    """The importance matrix a quant is made with (export.imatrix), or none."""
+    return f"results/{wildcards.model}/imatrix.gguf" if IMATRIX["enabled"] else []
+
+
+def get_evaluation_intermediate(wildcards):
+    """With an importance matrix, the evaluation also quantizes each quant without it, from the
+    same intermediate, to measure what the matrix gained."""
+    return get_intermediate_gguf(wildcards) if IMATRIX["enabled"] else []
 
 
 def get_export_ggufs(wildcards):
@@ -147,13 +177,14 @@ def job_resources(rule_name):
 SIXTEEN_BIT = ("F16", "BF16")
 
 
-def reference_name():
+def reference_name(model):
     """The 16-bit type the quants are compared with: the intermediate when it is 16-bit."""
-    return INTERMEDIATE if INTERMEDIATE in SIXTEEN_BIT else "F16"
+    inter = intermediate_of(model)
+    return inter if inter in SIXTEEN_BIT else "F16"
 
 
 def get_reference_gguf(wildcards):
-    if INTERMEDIATE in SIXTEEN_BIT:
+    if intermediate_of(wildcards.model) in SIXTEEN_BIT:
         return get_intermediate_gguf(wildcards)
     return f"results/{wildcards.model}/eval/reference-F16.gguf"
 

@@ -1,11 +1,12 @@
 rule convert_gguf:
-    """llama.cpp's own converter (same commit as the quantizer), straight to Q8_0 (no F16 GGUF)."""
+    """llama.cpp's own converter (same commit as the quantizer), straight to the intermediate:
+    F16, or Q8_0 when the disk plan has no room for F16 (export.intermediate auto)."""
     input:
         merged="results/{model}/merged",
     output:
         gguf=(
             "results/{model}/{intermediate}.gguf"
-            if INTERMEDIATE in EXPORT["quants"]
+            if KEEP_INTERMEDIATE
             else temp("results/{model}/{intermediate}.gguf")
         ),
     log:
@@ -19,7 +20,7 @@ rule convert_gguf:
     resources:
         **job_resources("convert_gguf"),
     params:
-        outtype=INTERMEDIATE,
+        outtype=lambda w: w.intermediate,
         # consume mode (set, or chosen by auto): each merged shard is deleted once its tensors
         # are in the GGUF
         merge_mode=EXPORT["merge_mode"],
@@ -29,12 +30,14 @@ rule convert_gguf:
 
 
 rule quantize_gguf:
-    """Requantize the intermediate (allow_requantize: the article's fifth attempt lacked it)."""
+    """Quantize the intermediate: from F16, or requantize from Q8_0 (allow_requantize: the
+    article's fifth attempt lacked it)."""
     input:
         gguf=get_intermediate_gguf,
         # not temp and a direct input: a retrained adapter makes the GGUFs stale even after
         # the temp intermediates are gone (snakemake#2011)
         adapter="results/{model}/adapter",
+        imatrix=get_imatrix,
     output:
         gguf="results/{model}/{quant}.gguf",
     log:
@@ -51,6 +54,31 @@ rule quantize_gguf:
         quant=lambda w: w.quant,
     script:
         "../scripts/quantize_gguf.py"
+
+
+rule imatrix:
+    """llama-imatrix over the training split on the intermediate (export.imatrix): which weight
+    columns see the largest activations, for llama-quantize --imatrix. Small; kept."""
+    input:
+        gguf=get_intermediate_gguf,
+        train="results/{model}/data/train.jsonl",
+    output:
+        imatrix="results/{model}/imatrix.gguf",
+    log:
+        "logs/{model}/imatrix.log",
+    benchmark:
+        "logs/{model}/benchmarks/imatrix.tsv"
+    priority: model_priority
+    conda:
+        "../envs/export.yaml"
+    threads: job_threads("imatrix")
+    resources:
+        **job_resources("imatrix"),
+    params:
+        ctx=IMATRIX["ctx"],
+        chunks=IMATRIX["chunks"],
+    script:
+        "../scripts/compute_imatrix.py"
 
 
 rule check_gguf:

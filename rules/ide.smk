@@ -32,7 +32,7 @@ rule convert_base_gguf:
         # kept when it is also the Modelfile.adapter's quant, as convert_gguf keeps a final intermediate
         gguf=(
             "results/{model}/base.{intermediate}.gguf"
-            if INTERMEDIATE == EXPORT["modelfile_quant"]
+            if EXPORT["modelfile_quant"] in INTERMEDIATE_TYPES
             else temp("results/{model}/base.{intermediate}.gguf")
         ),
     log:
@@ -44,7 +44,7 @@ rule convert_base_gguf:
     resources:
         **job_resources("convert_base_gguf"),
     params:
-        outtype=INTERMEDIATE,
+        outtype=lambda w: w.intermediate,
     script:
         "../scripts/convert_base_gguf.py"
 
@@ -52,7 +52,7 @@ rule convert_base_gguf:
 rule quantize_base_gguf:
     """The base's GGUF at the Modelfile's quant: shared by every fine-tune of this base."""
     input:
-        gguf=lambda w: f"results/{w.model}/base.{INTERMEDIATE}.gguf",
+        gguf=lambda w: f"results/{w.model}/base.{intermediate_of(w.model)}.gguf",
     output:
         gguf="results/{model}/base.{quant}.gguf",
     log:

@@ -67,7 +67,7 @@ rule reference_logits:
     params:
         ctx=config["quality"]["ctx"],
         chunks=config["quality"]["chunks"],
-        reference_name=lambda w: reference_name(),
+        reference_name=lambda w: reference_name(w.model),
     script:
         "../scripts/reference_logits.py"
 
@@ -80,6 +80,8 @@ rule evaluate:
         logits="results/{model}/eval/reference.logits",
         summary="results/{model}/eval/reference.json",
         ggufs=get_evaluated_ggufs,
+        intermediate=get_evaluation_intermediate,
+        imatrix=get_imatrix,
     output:
         tsv=report(
             "results/{model}/quality.tsv",
@@ -98,7 +100,7 @@ rule evaluate:
         ctx=config["quality"]["ctx"],
         chunks=config["quality"]["chunks"],
         quants=lambda w: evaluated_quants(),
-        reference_name=lambda w: reference_name(),
+        reference_name=lambda w: reference_name(w.model),
     script:
         "../scripts/evaluate_quality.py"
 

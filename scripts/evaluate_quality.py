@@ -2,7 +2,8 @@
 (llama-perplexity --kl-divergence, same context, batch and chunks) -> quality.tsv
 (loraforge.quality.evaluate).
 
-    input:  logits, summary (reference_logits' outputs), ggufs (one per params.quants)
+    input:  logits, summary (reference_logits' outputs), ggufs (one per params.quants),
+            intermediate and imatrix (both empty unless export.imatrix is enabled)
     params: ctx, chunks, quants, reference_name
     output: tsv (loraforge.quality.QUALITY_COLUMNS)
     log:    one file
@@ -23,5 +24,7 @@ with rule_logging(smk):
         threads=smk.threads,
         log=smk.log[0],
         reference_name=smk.params.reference_name,
+        # export.imatrix: also each quant without the matrix, from the same intermediate
+        intermediate=smk.input.intermediate or None,
     )
     print(table.to_string(index=False))

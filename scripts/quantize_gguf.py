@@ -2,7 +2,8 @@
 ...) through llama-cpp-python's llama_model_quantize with allow_requantize=True
 (loraforge.gguf.quantize).
 
-    input:  gguf (the intermediate), adapter (only for staleness: snakemake#2011)
+    input:  gguf (the intermediate), adapter (only for staleness: snakemake#2011), imatrix (empty
+            unless export.imatrix is enabled)
     params: quant
     output: gguf
     log:    one file (llama.cpp's log)
@@ -22,11 +23,13 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script: directive
 with rule_logging(smk):
     setting = (smk.config.get("export") or {}).get("merge_mode", "auto")
     consume = effective_mode(setting, base_is_users(smk.config, smk.wildcards.model)) == "consume"
+    imatrix = smk.input.imatrix or None  # export.imatrix: llama-quantize --imatrix (never releases its input)
     quantize(
         smk.input.gguf,
         smk.output.gguf,
         smk.params.quant,
         smk.threads,
         log=smk.log[0],
-        release_input=release_manifest_path(smk.wildcards.model, smk.input.gguf) if consume else False,
+        release_input=release_manifest_path(smk.wildcards.model, smk.input.gguf) if consume and not imatrix else False,
+        imatrix=imatrix,
     )

@@ -114,7 +114,8 @@ def test_adapter_modelfile_rule(pipeline, tmp_path):
     for rule in ("convert_base_gguf", "quantize_base_gguf", "convert_adapter_gguf", "write_adapter_modelfile"):
         assert f"rule {rule}" in log or f"localrule {rule}" in log, rule
     assert "train_adapter" not in log and "merge_adapter" not in log
-    assert not (results / "base.Q8_0.gguf").exists(), "the base's intermediate is temp"
+    assert "base.F16.gguf" in log, "the base converts to the export's intermediate (auto: F16)"
+    assert not (results / "base.F16.gguf").exists(), "the base's intermediate is temp"
     text = (results / "Modelfile.adapter").read_text()
     commands = {c.name: c.value for c in parse_modelfile(text)}
     assert commands["model"] == "./base.Q5_K_M.gguf" and commands["adapter"] == "./adapter.gguf"

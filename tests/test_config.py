@@ -53,7 +53,7 @@ def test_defaults_are_filled_for_a_minimal_config():
     assert s["lora"]["r"] == 16 and s["lora"]["alpha"] == 32
     assert s["train"]["learning_rate"] == 2e-5 and s["train"]["seed"] == 3407
     assert cfg["data"]["max_source_share"] == 0.2
-    assert cfg["export"]["intermediate"] == "Q8_0" and cfg["export"]["merge_mode"] == "auto"
+    assert cfg["export"]["intermediate"] == "auto" and cfg["export"]["merge_mode"] == "auto"
     assert lfconfig.parse_size(cfg["disk_quota"]) == 95_000_000_000
 
 

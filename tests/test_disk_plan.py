@@ -41,9 +41,11 @@ def test_consume_mode_uses_the_base_up_and_never_retrains(pipeline, tmp_path):
     work = clone_pipeline(pipeline, tmp_path / "work")
     for q in ("Q4_K_M", "Q5_K_M"):
         (work / "results" / "tiny" / f"{q}.gguf").unlink()
-    write_config(work, small_config(export={"merge_mode": "consume"}))
+    # Q8_0 set (auto takes F16 for the tiny model): this real run covers requantizing
+    write_config(work, small_config(export={"merge_mode": "consume", "intermediate": "Q8_0"}))
     adapter_mtime = (work / "results/tiny/adapter/adapter_model.safetensors").stat().st_mtime_ns
-    run_snakemake(work, "results/tiny/Q4_K_M.gguf", "results/tiny/Q5_K_M.gguf")
+    run = run_snakemake(work, "results/tiny/Q4_K_M.gguf", "results/tiny/Q5_K_M.gguf")
+    assert "results/tiny/Q8_0.gguf" in run.stdout + run.stderr and "F16.gguf" not in run.stdout + run.stderr
     tiny = work / "results" / "tiny"
     assert (tiny / "Q4_K_M.gguf").exists() and (tiny / "Q5_K_M.gguf").exists()
     assert not list((tiny / "base").glob("*.safetensors")), "consume mode uses the base's weights up"
@@ -54,7 +56,8 @@ def test_consume_mode_uses_the_base_up_and_never_retrains(pipeline, tmp_path):
     report = disk_reports(work)[-1]
     assert abs(report["planned_peak_bytes"] - report["measured_peak_bytes"]) <= 0.10 * report["measured_peak_bytes"]
     # a later export rebuilds the base (tiny: built again; hub: fetched again) but never trains
-    write_config(work, small_config(export={"merge_mode": "consume", "quants": ["Q4_K_M", "Q5_K_M", "Q6_K"]}))
+    write_config(work, small_config(export={"merge_mode": "consume", "intermediate": "Q8_0",
+                                            "quants": ["Q4_K_M", "Q5_K_M", "Q6_K"]}))
     out = run_snakemake(work, "-n", "results/tiny/Q6_K.gguf").stdout
     assert "build_tiny_base" in out and "merge_adapter" in out
     assert "train_adapter" not in out and "prepare_data" not in out

@@ -532,7 +532,7 @@ def test_disk_full_during_each_writing_rule(small_disk, rule):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if rule in ("convert_gguf", "quantize_gguf"):
         # run up to the rule before, keeping the temp intermediates, then fill the disk
-        upstream = {"convert_gguf": "results/tiny/merged", "quantize_gguf": "results/tiny/Q8_0.gguf"}[rule]
+        upstream = {"convert_gguf": "results/tiny/merged", "quantize_gguf": "results/tiny/F16.gguf"}[rule]
         run_snakemake(work, "--notemp", upstream)
     ballast = _fill(work / "results", leave=0)
     count("faults_injected")

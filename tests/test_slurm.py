@@ -112,7 +112,7 @@ def test_tiny_pipeline_runs_through_slurm_and_matches_the_local_run(slurm, pipel
 
     # temp() intermediates were removed by the submitting Snakemake; the adapter is kept
     tiny = workdir / "results" / "tiny"
-    assert not (tiny / "merged").exists() and not (tiny / "Q8_0.gguf").exists()
+    assert not (tiny / "merged").exists() and not (tiny / "F16.gguf").exists()
     assert (tiny / "adapter" / "adapter_model.safetensors").is_file()
 
     # the same bytes as the local run of the same config: preparing the data and training are

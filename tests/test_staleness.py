@@ -51,7 +51,7 @@ def test_finished_pipeline_is_up_to_date(work):
     # the temp intermediates are gone, the finals are there
     for model in BOTH:
         assert not (work / "results" / model / "merged").exists()
-        assert not (work / "results" / model / "Q8_0.gguf").exists()
+        assert not (work / "results" / model / "F16.gguf").exists()  # export.intermediate auto: F16
         assert (work / "results" / model / "Q5_K_M.gguf").exists()
 
 
@@ -76,7 +76,7 @@ def test_new_quant_builds_only_that_quant_and_its_intermediates(work):
     run_snakemake(work, *targets)
     assert (work / "results/tiny/Q6_K.gguf").exists()
     assert mtimes(work, "results/*/Q[45]_K_M.gguf") == finals
-    assert not (work / "results/tiny/Q8_0.gguf").exists(), "the intermediate is temp again"
+    assert not (work / "results/tiny/F16.gguf").exists(), "the intermediate is temp again"
 
 
 def test_rank_change_rebuilds_that_model_only_and_archives_its_adapter(work):
@@ -133,11 +133,11 @@ def test_retrained_adapter_makes_its_ggufs_stale(work):
     assert {("quantize_gguf", "tiny", "Q4_K_M"), ("quantize_gguf", "tiny", "Q5_K_M")} <= jobs
     assert "train_adapter" not in rules_of(jobs)
     # Up to here merge.json, stale as well, also carries the change down the temp files. Build
-    # one quant of the new adapter: merge.json is new again and merged/ and Q8_0 are gone, so
+    # one quant of the new adapter: merge.json is new again and merged/ and the F16 intermediate are gone, so
     # the other quant, still from the old adapter, is stale only through its direct adapter
     # input (snakemake#2011; without it Snakemake says "Nothing to be done" here).
     run_snakemake(work, "results/tiny/Q4_K_M.gguf")
-    assert not (work / "results/tiny/Q8_0.gguf").exists() and not (work / "results/tiny/merged").exists()
+    assert not (work / "results/tiny/F16.gguf").exists() and not (work / "results/tiny/merged").exists()
     jobs = planned_jobs(work, "results/tiny/Q5_K_M.gguf")
     assert ("quantize_gguf", "tiny", "Q5_K_M") in jobs and "train_adapter" not in rules_of(jobs)
 

@@ -41,10 +41,19 @@ def hf_config_of(config: Mapping, key: str, base_dir: str) -> dict | None:
     local = read_hf_config(base_dir)
     if local:
         return local
+    return configured_hf_config(config, key)
+
+
+def configured_hf_config(config: Mapping, key: str) -> dict | None:
+    """The HF config config.yaml alone gives: `arch:`, else a `path:` base's own config.json (a
+    user's folder: never changed by the workflow), else the tiny architecture of a `build:` base;
+    None for a hub base without `arch:`. The same answer before and after any job runs."""
     m = _model_cfg(config, key)
     if m.get("arch"):
         return dict(m["arch"])
     base = m.get("base")
+    if isinstance(base, Mapping) and base.get("path"):
+        return read_hf_config(base["path"])
     if isinstance(base, Mapping) and base.get("build"):
         from loraforge.base import TINY_ARCHS
 
@@ -56,9 +65,11 @@ def hf_config_of(config: Mapping, key: str, base_dir: str) -> dict | None:
     return None
 
 
-def _targets_of(config: Mapping, key: str, results_dir: str) -> set[str] | None:
-    adapter_cfg = Path(results_dir) / key / "adapter" / "adapter_config.json"
-    if adapter_cfg.is_file():
+def _targets_of(config: Mapping, key: str, results_dir: str | None) -> set[str] | None:
+    """The trained adapter's targets (its adapter_config.json), else config.yaml's (also when
+    results_dir is None: config alone)."""
+    adapter_cfg = Path(results_dir) / key / "adapter" / "adapter_config.json" if results_dir else None
+    if adapter_cfg is not None and adapter_cfg.is_file():
         import json
 
         try:
@@ -95,10 +106,15 @@ class RunInputs:
     checkpoints: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_DIR) -> RunInputs:
+def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_DIR,
+                 measure: bool = True) -> RunInputs:
     """Sizes of every path the steps touch (measured when it exists, estimated from the
     model config otherwise), the model layouts, and the bytes already under results/.
-    Paths are relative to the current directory (the workflow's workdir)."""
+    Paths are relative to the current directory (the workflow's workdir).
+
+    measure=False: estimated from config.yaml alone (`configured_hf_config`), nothing on disk
+    read, nothing else under results/; every input no step writes is taken as present before
+    the run. The same answer at any point of a run (export.intermediate auto decides with it)."""
     export = dict(config.get("export") or {})
     merge_mode = str(export.get("merge_mode", "link"))
     intermediate = str(export.get("intermediate", "Q8_0"))
@@ -117,15 +133,15 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
                 cand = [p for p in s.inputs if os.path.basename(p) == "base" or p == base]
                 if cand:
                     base = cand[0]
-        hf = hf_config_of(config, key, base)
+        hf = hf_config_of(config, key, base) if measure else configured_hf_config(config, key)
         try:
             arch = S.arch_from_config(hf) if hf else None
         except ValueError as e:
             notes.append(f"{key}: {e}; its sizes are unknown (0)")
             arch = None
         archs[key] = arch
-        targets = _targets_of(config, key, results_dir)
-        shards = S.read_base_shards(base, targets)
+        targets = _targets_of(config, key, results_dir if measure else None)
+        shards = S.read_base_shards(base, targets) if measure else None
         if shards is not None:
             total, _ = S.measure([base], seen)
             existing[base] = total
@@ -138,7 +154,8 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
                 sh.targeted = True  # no index to read yet: assume every shard is rewritten
         else:
             shards, other = [], 0
-            notes.append(f"{key}: no config.json and no `arch:` in config.yaml; sizes unknown (0)")
+            notes.append(f"{key}: no config.json and no `arch:` in config.yaml; sizes unknown (0)"
+                         if measure else f"{key}: no `arch:` in config.yaml; sizes unknown (0)")
         gguf: dict[str, int] = {}
         meta = 0
         if arch is not None:
@@ -161,7 +178,16 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
                 continue
             L = layouts.get(s.model or "")
             arch = archs.get(s.model or "")
-            sizes[p] = _estimate(p, s, L, arch, config, sample_bytes, results_dir)
+            sizes[p] = _estimate(p, s, L, arch, config, sample_bytes, results_dir if measure else None)
+    if not measure:
+        written = {p for s in steps for p in s.outputs}
+        for s in steps:
+            for p in s.inputs:
+                if p not in written and p not in existing:
+                    L = layouts.get(s.model or "")
+                    existing[p] = sizes[p] = _estimate(p, s, L, archs.get(s.model or ""), config, sample_bytes, None)
+        return RunInputs(sizes, existing, layouts, 0, merge_mode, notes,
+                         _training_checkpoints(steps, config, archs, None))
     for p in all_paths:
         if p in existing:
             sizes[p] = existing[p]
@@ -175,7 +201,7 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
                      _training_checkpoints(steps, config, archs, results_dir))
 
 
-def _training_checkpoints(steps: list[Step], config: Mapping, archs: Mapping, results_dir: str) -> dict[str, tuple[int, int]]:
+def _training_checkpoints(steps: list[Step], config: Mapping, archs: Mapping, results_dir: str | None) -> dict[str, tuple[int, int]]:
     """train_adapter's checkpoints (every train.save_steps, train.keep_checkpoints kept, deleted
     once the adapter is in place), by adapter path: for the 30B MoE (a ~4 GiB fp32 adapter) one
     checkpoint is ~11 GiB and three exist at once with the default keep of 2."""
@@ -205,7 +231,8 @@ def reference_logits_bytes(config: Mapping, vocab: int) -> int:
     return logits_file_bytes(int(q.get("ctx", 256)), int(q.get("chunks", 32)), int(vocab))
 
 
-def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample_bytes: int, results_dir: str) -> int:
+def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample_bytes: int,
+              results_dir: str | None) -> int:
     name = os.path.basename(path)
     if L is not None:
         if _norm(path) == L.base_dir or name == "base":
@@ -240,15 +267,16 @@ def _estimate(path: str, step: Step, L: ModelLayout | None, arch, config, sample
 
 def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | None = None,
                quota: int | str | None = None, free: int | None = None,
-               merge_mode: str | None = None, results_dir: str = RESULTS_DIR) -> Plan:
-    """Plan `steps` of a lora-forge run with sizes from `config` (files relative to workdir)."""
+               merge_mode: str | None = None, results_dir: str = RESULTS_DIR, measure: bool = True) -> Plan:
+    """Plan `steps` of a lora-forge run with sizes from `config` (files relative to workdir).
+    measure=False: from config.yaml alone (gather_sizes), and free space only when given."""
     cwd = os.getcwd()
     if workdir is not None:
         os.chdir(workdir)
     try:
-        ri = gather_sizes(steps, config, results_dir)
+        ri = gather_sizes(steps, config, results_dir, measure=measure)
         free_now = free
-        if free_now is None:
+        if free_now is None and measure:
             probe = results_dir if os.path.isdir(results_dir) else "."
             free_now = shutil.disk_usage(probe).free
     finally:
@@ -257,7 +285,10 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
         quota = config["disk_quota"]
     quota_bytes = parse_size(quota) if quota is not None else None
     users_bases = {m for m, cfg in (config.get("models") or {}).items() if "path" in (cfg.get("base") or {})}
+    # llama-quantize --imatrix (export.imatrix) reads its input whole: no release in consume mode
+    imatrix = bool(((config.get("export") or {}).get("imatrix") or {}).get("enabled"))
     planner = Planner(steps, ri.sizes, ri.existing, "link", ri.layouts, results_dir,
+                      release_in_quantize=False if imatrix else None,
                       background=max(0, ri.background),
                       consumable=not any(s.model in users_bases for s in steps), checkpoints=ri.checkpoints)
     mode = merge_mode or ri.merge_mode
@@ -269,6 +300,10 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
     plan.quota = quota_bytes  # the one place the quota is read: `quota`, else the config's disk_quota
     plan.free = free_now
     plan.notes.extend(ri.notes)
+    if measure:  # (the auto decision itself plans with measure=False)
+        from loraforge.plan.intermediate import auto_notes
+
+        plan.notes.extend(auto_notes(config, {s.model for s in steps if s.model and DEFAULT_ROLES.get(s.rule) == "convert"}))
     source_note = quantize_source_note(plan, quota_bytes, free_now)
     if source_note:
         plan.notes.append(source_note)

@@ -1,0 +1,74 @@
+"""export.imatrix: llama-imatrix over the training split, llama-quantize --imatrix for the quants,
+and quality.tsv's measured gain (the same quant without the matrix, from the same intermediate)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+
+import pytest
+
+from conftest import clone_pipeline, run_snakemake, small_config, write_config
+
+
+def _tsv(path):
+    with open(path, newline="") as f:
+        return {r["quant"]: r for r in csv.DictReader(f, delimiter="\t")}
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_missing_matrix_is_named(tmp_path):
+    from loraforge.gguf import quantize
+
+    src = tmp_path / "F16.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(FileNotFoundError, match="imatrix.gguf"):
+        quantize(src, tmp_path / "Q4_K_M.gguf", "Q4_K_M", imatrix=tmp_path / "imatrix.gguf")
+    assert not list(tmp_path.glob("Q4_K_M*")), "nothing half-written"
+
+
+def test_the_plan_keeps_the_intermediate_whole_under_an_imatrix():
+    """consume mode frees the intermediate while the last quant reads it; llama-quantize --imatrix
+    reads it whole, so the plan must not count that release."""
+    from loraforge.config import validate
+    from loraforge.plan import plan_steps
+    from loraforge.plan.intermediate import export_chain_steps
+
+    for enabled in (False, True):
+        cfg = validate(small_config(export={"merge_mode": "consume", "imatrix": {"enabled": enabled}},
+                                    quality={"evaluate": False}))
+        plan = plan_steps(export_chain_steps(cfg, "tiny", "F16"), cfg, free=None, measure=False)
+        released = [e for e in plan.events if "intermediate released" in e.event]
+        assert bool(released) == (not enabled)
+        deleted = [e for e in plan.events if e.event == "delete temp" and e.path.endswith("F16.gguf")]
+        assert bool(deleted) == enabled  # whole, after the last quant
+
+
+@pytest.mark.slow
+def test_imatrix_quants_and_their_measured_gain(pipeline, tmp_path):
+    work = clone_pipeline(pipeline, tmp_path / "work")
+    tiny = work / "results" / "tiny"
+    plain = {q: _sha(tiny / f"{q}.gguf") for q in ("Q4_K_M", "Q5_K_M")}
+    before = _tsv(tiny / "quality.tsv")
+    write_config(work, small_config(export={"imatrix": {"enabled": True, "ctx": 128, "chunks": 16}}))
+    run = run_snakemake(work, "results/tiny/quality.tsv")
+    log = run.stdout + run.stderr
+    assert "rule imatrix" in log or "localrule imatrix" in log
+    assert "train_adapter" not in log and "prepare_data" not in log, "an imatrix never retrains"
+    assert (tiny / "imatrix.gguf").read_bytes()[:4] == b"GGUF"
+    for q in plain:
+        assert "--imatrix" in (work / "logs" / "tiny" / f"quantize_gguf_{q}.log").read_text()
+        assert _sha(tiny / f"{q}.gguf") != plain[q], f"{q} is made with the matrix"
+    rows = _tsv(tiny / "quality.tsv")
+    for q in plain:
+        assert rows[q]["imatrix"] == "True"
+        # the same quant without the matrix, from the same (deterministic) merge and F16: the
+        # pipeline's own file, so the pipeline's own KLD
+        assert float(rows[q]["kld_mean_without_imatrix"]) == pytest.approx(float(before[q]["kld_mean"]), rel=1e-3)
+        assert float(rows[q]["kld_mean"]) > 0
+    assert rows["F16"]["imatrix"] == "" and before["Q4_K_M"]["imatrix"] == "False"
+    assert not list((tiny / "eval").glob("*-without-imatrix.gguf")), "the comparison quants are deleted"
+    assert not (tiny / "F16.gguf").exists(), "the intermediate is temp"
