@@ -16,6 +16,10 @@ loss per step (loss agreement between backends: same weights, data, seed).
 
     # on the device machine (bundle unpacked on PYTHONPATH), shapes built under /dev/shm:
     python3 bench/gpu_backends.py --out $OUT --runs 30b:unsloth:q4:8192,30b:trl:q4:8192
+    # kernel profile (torch.profiler, CPU + CUDA) of the last step of a run: `profile` flag or --profile;
+    # the run's JSON gets wall / kernel time, GPU-busy fraction, top kernels, categories, the full
+    # key_averages tables land in OUT/profile-<tag>.txt; the profiled step is left out of s/step
+    python3 bench/gpu_backends.py --out $OUT --runs 30b:unsloth:q4:8192:2x8:profile --steps 3 --warmup 1
     # merge check: Unsloth trains a 4-layer 30B-A3B-shaped MoE (bf16), loraforge.merge merges the
     # adapter, and the merged model's logits are compared with the Unsloth model that trained it
     python3 bench/gpu_backends.py --out $OUT --merge-check
@@ -193,6 +197,151 @@ class StepTimer:
             torch.cuda.synchronize()
 
 
+# Kernel categories for the profile, first match wins (lower-cased kernel name).
+KERNEL_CATEGORIES = [
+    ("memcpy HtoD", ("memcpy htod",)),
+    ("memcpy DtoH", ("memcpy dtoh",)),
+    ("memcpy DtoD / memset", ("memcpy", "memset")),
+    ("attention (flash / sdpa)", ("flash", "fmha", "attention", "attn", "sdpa", "mem_efficient")),
+    ("4-bit dequantize (bitsandbytes)", ("dequant", "kquant", "nf4", "4bit", "bnb")),
+    ("grouped GEMM (MoE experts)", ("grouped", "groupproblem", "group_gemm", "ptrarray", "ptr_array", "moe")),
+    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "matmul", "gemv", "splitk",
+                                 "sm90_", "sm80_", "wgmma")),
+    ("optimizer (adam, multi-tensor)", ("adam", "multi_tensor", "foreach", "fused_opt")),
+    ("loss (cross-entropy)", ("cross_entropy", "crossentropy", "_ce_", "logsumexp", "log_softmax")),
+    ("triton (inductor / Unsloth)", ("triton", "_rms_", "rope", "swiglu", "_fg_", "geglu", "layernorm")),
+    ("elementwise / reduce / index (aten)", ("elementwise", "vectorized", "reduce", "index", "scatter", "gather",
+                                             "sort", "cat", "copy", "fill", "where", "softmax", "topk",
+                                             "histc", "cumsum", "arange", "bincount", "masked")),
+]
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    if low.startswith("triton_"):  # inductor-generated (fused elementwise), even when named after a GEMM's op
+        return "triton (inductor / Unsloth)"
+    for cat, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+class StepProfiler:
+    """Trainer callback: torch.profiler (CPU + CUDA) around one optimizer step (`step`, 0-based;
+    started at the end of the previous step, after a synchronise, stopped at the step's end after
+    another), then `summary()`: wall time, kernel time, GPU-busy fraction, top kernels, categories."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        prof = self
+        self.step, self.prof, self.wall_s, self.error = step, None, None, None
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, a, state, control, **kw):
+                if prof.step == 0:
+                    prof._start()
+
+            def on_step_end(self, a, state, control, **kw):
+                # global_step == number of optimizer steps done
+                if state.global_step == prof.step + 1 and prof.prof is not None:
+                    prof._stop()
+                elif state.global_step == prof.step:
+                    prof._start()
+
+        self.callback = _CB()
+
+    def _start(self):
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        try:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            StepTimer._sync()
+            self.prof = profile(activities=acts, record_shapes=False, with_stack=False, profile_memory=False)
+            self.prof.start()
+            StepTimer._sync()
+            self.t0 = time.perf_counter()
+        except Exception as e:  # a profiler failure must not break the run
+            self.prof, self.error = None, f"start: {type(e).__name__}: {e}"
+
+    def _stop(self):
+        try:
+            StepTimer._sync()
+            self.wall_s = time.perf_counter() - self.t0
+            t = time.perf_counter()
+            self.prof.stop()
+            self.stop_s = time.perf_counter() - t
+        except Exception as e:
+            self.prof, self.error = None, f"stop: {type(e).__name__}: {e}"
+
+    def summary(self, folder: Path, top: int = 25) -> dict:
+        """The compact profile for the run's JSON; the full key_averages tables as text in `folder`."""
+        from torch.autograd import DeviceType
+
+        if self.prof is None:
+            return {"error": self.error or "the profiled step was not reached", "step": self.step}
+        t = time.perf_counter()
+        avgs = self.prof.key_averages()
+
+        def dev_us(e, self_time=True):
+            for attr in (("self_device_time_total", "self_cuda_time_total") if self_time
+                         else ("device_time_total", "cuda_time_total")):
+                if hasattr(e, attr):
+                    return getattr(e, attr)
+            return 0
+
+        kernels = [e for e in avgs if e.device_type == DeviceType.CUDA]
+        kernel_us = sum(dev_us(e) for e in kernels)
+        wall_us = self.wall_s * 1e6
+        # the union of the kernels' intervals: time the GPU ran at least one kernel (streams overlap)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
+                       if e.device_type == DeviceType.CUDA)
+        busy, cur_s, cur_e = 0, None, None
+        for s0, e0 in spans:
+            if cur_e is None or s0 > cur_e:
+                if cur_e is not None:
+                    busy += cur_e - cur_s
+                cur_s, cur_e = s0, e0
+            else:
+                cur_e = max(cur_e, e0)
+        if cur_e is not None:
+            busy += cur_e - cur_s
+        cats: dict[str, list] = {}
+        for e in kernels:
+            c = cats.setdefault(kernel_category(e.key), [0, 0])
+            c[0] += dev_us(e)
+            c[1] += e.count
+        pct = (lambda us: round(100 * us / wall_us, 2)) if wall_us else (lambda us: None)
+        top_k = sorted(kernels, key=dev_us, reverse=True)[:top]
+        cpu_top = sorted((e for e in avgs if e.device_type == DeviceType.CPU),
+                         key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+        folder.mkdir(parents=True, exist_ok=True)
+        sort_dev = "self_device_time_total" if hasattr(avgs[0], "self_device_time_total") else "self_cuda_time_total"
+        text = (f"profiled optimizer step {self.step} (0-based); wall {self.wall_s:.3f} s\n\n"
+                f"== sorted by {sort_dev} ==\n"
+                + avgs.table(sort_by=sort_dev, row_limit=80, max_name_column_width=90)
+                + "\n\n== sorted by self_cpu_time_total ==\n"
+                + avgs.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
+        (folder / "profile_key_averages.txt").write_text(text)
+        return {
+            "step": self.step, "wall_s": round(self.wall_s, 3), "stop_s": round(getattr(self, "stop_s", 0), 1),
+            "kernel_ms": round(kernel_us / 1e3, 1), "gpu_busy_ms": round(busy / 1e3, 1),
+            "kernel_sum_over_wall": round(kernel_us / wall_us, 4) if wall_us else None,
+            "gpu_busy_fraction": round(busy / wall_us, 4) if wall_us else None,
+            "kernel_launches": sum(e.count for e in kernels),
+            "categories": [{"category": k, "ms": round(v[0] / 1e3, 1), "pct_of_step": pct(v[0]),
+                            "pct_of_kernels": round(100 * v[0] / kernel_us, 2) if kernel_us else None,
+                            "calls": v[1]}
+                           for k, v in sorted(cats.items(), key=lambda kv: -kv[1][0])],
+            "top_kernels": [{"name": e.key[:120], "category": kernel_category(e.key), "calls": e.count,
+                             "ms": round(dev_us(e) / 1e3, 1), "pct_of_step": pct(dev_us(e))} for e in top_k],
+            "top_cpu_ops": [{"name": e.key[:80], "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1)}
+                            for e in cpu_top],
+            "table_file": str(folder / "profile_key_averages.txt"), "summary_s": round(time.perf_counter() - t, 1),
+        }
+
+
 def probe_ids(tok_dir: Path, n: int = 256):
     import torch
 
@@ -245,6 +394,10 @@ def child_train(args) -> dict:
     tag = run_tag(args)
     timer = StepTimer(args.warmup)
     ttrainer.DEFAULT_CALLBACKS.append(timer.callback)
+    profiler = None
+    if args.profile:  # the last step (after the warm-up): the steps before it stay unprofiled
+        profiler = StepProfiler(max(args.steps - 1, args.warmup))
+        ttrainer.DEFAULT_CALLBACKS.append(profiler.callback)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -253,6 +406,8 @@ def child_train(args) -> dict:
     wall = time.time() - t0
     dts = [b - a for a, b in zip(timer.times, timer.times[1:])]
     steady = dts[args.warmup:] or dts
+    if profiler is not None and profiler.step < len(dts) and len(dts[args.warmup:]) > 1:
+        steady = [x for i, x in enumerate(dts) if i >= args.warmup and i != profiler.step]  # unprofiled steps only
     s_per_step = sum(steady) / len(steady)
     tokens_per_step = metrics["train_tokens"] / max(metrics["steps"], 1)
     cfg = shape_config(args.shape, args.layers, args.vocab)
@@ -261,7 +416,7 @@ def child_train(args) -> dict:
     out = {
         "tag": tag, "shape": args.shape, "layers": cfg.num_hidden_layers, "backend": metrics["backend"],
         "load_in_4bit": tp["load_in_4bit"], "seq": args.seq, "batch": args.batch, "accum": args.accum,
-        "checkpointing": args.checkpointing,
+        "checkpointing": args.checkpointing, "profiled": bool(args.profile),
         "steps": metrics["steps"], "step_times_s": [round(x, 2) for x in dts], "s_per_step": round(s_per_step, 3),
         "tokens_per_step": round(tokens_per_step), "tokens_per_s": round(tps), "active_params": active,
         "mfu": round(6 * active * tps / PEAK_FLOPS, 4), "peak_gib": metrics["peak_gpu_memory_gib"],
@@ -270,6 +425,12 @@ def child_train(args) -> dict:
         "trainable": metrics["trainable_parameters"], "versions": metrics["versions"], "wall_s": round(wall, 1),
         "env": {k: os.environ.get(k) for k in ("UNSLOTH_MOE_BACKEND",) if os.environ.get(k)},
     }
+    if profiler is not None:
+        try:
+            out["profile"] = profiler.summary(work / tag)
+            out["profiled_step_s"] = round(dts[profiler.step], 3) if profiler.step < len(dts) else None
+        except Exception as e:  # never lose the run's timings to the profile
+            out["profile"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
     try:
         from loraforge.vram import estimate
 
@@ -344,10 +505,13 @@ def child_merge_check(args) -> dict:
 
 def run_tag(args) -> str:
     ckpt = "" if args.checkpointing == "offload" else f"-ckpt{args.checkpointing}"
-    return f"{args.shape}-{args.layers or 'all'}-{args.backend}-{'q4' if args.q4 else 'bf16'}-{args.seq}-b{args.batch}x{args.accum}{ckpt}"
+    moe = f"-moe_{os.environ['UNSLOTH_MOE_BACKEND']}" if os.environ.get("UNSLOTH_MOE_BACKEND") else ""
+    prof = "-prof" if getattr(args, "profile", 0) else ""
+    return (f"{args.shape}-{args.layers or 'all'}-{args.backend}-{'q4' if args.q4 else 'bf16'}-{args.seq}"
+            f"-b{args.batch}x{args.accum}{ckpt}{moe}{prof}")
 
 
-def run_child(argv: list[str], log, timeout: int, script: str | Path = __file__) -> dict:
+def run_child(argv: list[str], log, timeout: int, script: str | Path = __file__, env: dict | None = None) -> dict:
     """`script` with `argv` as a fresh process (so peak memory and patch state do not leak), its
     output appended to `log`; its --result JSON, else the error (out of GPU memory, timeout, rc)."""
     res = Path(argv[argv.index("--result") + 1])
@@ -355,11 +519,12 @@ def run_child(argv: list[str], log, timeout: int, script: str | Path = __file__)
     t0 = time.time()
     try:
         p = subprocess.run([sys.executable, str(script), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, timeout=timeout)
+                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
         output, rc = p.stdout, p.returncode
     except subprocess.TimeoutExpired as e:
         output, rc = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout) or "", "timeout"
-    log.write(f"\n===== {' '.join(argv)} rc={rc} {time.time() - t0:.1f}s =====\n{output[-20000:]}\n")
+    log.write(f"\n===== {' '.join(f'{k}={v}' for k, v in (env or {}).items())} {' '.join(argv)} rc={rc} "
+              f"{time.time() - t0:.1f}s =====\n{output[-20000:]}\n")
     log.flush()
     if res.exists():
         return json.loads(res.read_text())
@@ -369,19 +534,32 @@ def run_child(argv: list[str], log, timeout: int, script: str | Path = __file__)
 
 
 def parse_run(spec: str) -> dict:
-    """shape[/layers]:backend:q4|bf16:seq[:batch x accum[:offload|on]], e.g. 30b:unsloth:q4:8192 or
-    30b/4:trl:bf16:2048:2x8 or 30b:unsloth:q4:8192:2x8:on (train.gradient_checkpointing)"""
+    """shape[/layers]:backend:q4|bf16:seq[:batch x accum[:flag...]], e.g. 30b:unsloth:q4:8192 or
+    30b/4:trl:bf16:2048:2x8 or 30b:unsloth:q4:8192:2x8:on. Flags: offload|on (train.gradient_checkpointing),
+    profile (torch.profiler over the last step, see StepProfiler), moe=<UNSLOTH_MOE_BACKEND> (grouped_mm,
+    unsloth_triton, native_torch: set in the child's environment)."""
     parts = spec.split(":")
     shape, _, layers = parts[0].partition("/")
     batch, accum = (parts[4].split("x") if len(parts) > 4 else ("2", "8"))
-    return {"shape": shape, "layers": int(layers) if layers else None, "backend": parts[1],
-            "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum),
-            "checkpointing": parts[5] if len(parts) > 5 else "offload"}
+    run = {"shape": shape, "layers": int(layers) if layers else None, "backend": parts[1],
+           "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum),
+           "checkpointing": "offload", "profile": 0, "env": {}}
+    for flag in parts[5:]:
+        if flag in ("offload", "on"):
+            run["checkpointing"] = flag
+        elif flag == "profile":
+            run["profile"] = 1
+        elif flag.startswith("moe="):
+            run["env"]["UNSLOTH_MOE_BACKEND"] = flag[4:]
+        else:
+            raise SystemExit(f"unknown flag {flag!r} in run spec {spec!r}")
+    return run
 
 
 def add_plan(r: dict) -> dict:
-    """The run's VRAM plan (loraforge.vram) when the run predates it."""
-    if "peak_gib" not in r or r.get("planned_gib") is not None:
+    """The run's VRAM plan by today's loraforge.vram (the one recorded at run time, planned_gib,
+    may come from an earlier fit)."""
+    if "peak_gib" not in r:
         return r
     from loraforge.vram import estimate
 
@@ -403,7 +581,8 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('tag', '?')} | {r.get('backend', '')} | | | | {r['error'][:40]} | | | | | | | |")
+            err = "out of GPU memory" if "out of memory" in r["error"] else r["error"][:40]
+            lines.append(f"| {r.get('tag', '?')} | {r.get('backend', '')} | | | | {err} | | | | | | | |")
             continue
         if "s_per_step" not in r:
             continue
@@ -411,9 +590,52 @@ def table(rows: list[dict]) -> str:
         err = f"{(plan - r['peak_gib']) / r['peak_gib']:+.0%}" if plan and r.get("peak_gib") else ""
         lines.append(
             f"| {r['shape']}-{r['layers']}L | {r['backend']} | {r['load_in_4bit']} | {r['seq']} | {r['batch']}x{r['accum']}"
-            f"{' ckpt on GPU' if r.get('checkpointing') == 'on' else ''} | "
+            f"{' ckpt on GPU' if r.get('checkpointing') == 'on' else ''}"
+            f"{' moe ' + r['env']['UNSLOTH_MOE_BACKEND'] if r.get('env', {}).get('UNSLOTH_MOE_BACKEND') else ''}"
+            f"{' (+1 profiled step)' if r.get('profiled') else ''} | "
             f"{r['s_per_step']:.2f} | {r['tokens_per_s']:,} | {r['mfu']:.1%} | {gib(r['peak_gib'])} | "
             f"{gib(r['steady_peak_gib'])} | {gib(plan)} | {err} | {' '.join(f'{x:.3f}' for x in r['losses'][:6])} |")
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict]) -> str:
+    """The kernel-time breakdown of the profiled runs: one column per run, one line per category."""
+    prof = [r for r in rows if isinstance(r.get("profile"), dict) and "categories" in r["profile"]]
+    if not prof:
+        return ""
+    names = [f"{r['shape']}-{r['layers']}L {r['backend']} {'q4' if r['load_in_4bit'] else 'bf16'} {r['seq']} "
+             f"{r['batch']}x{r['accum']}{' ckpt on GPU' if r.get('checkpointing') == 'on' else ''}" for r in prof]
+    # categories as stored, with the top kernels moved where the current rules (kernel_category) put
+    # them: profiles written before a rule changed are corrected for their top kernels
+    per_run, moved = [], []
+    for r in prof:
+        cats = {c["category"]: c["ms"] for c in r["profile"]["categories"]}
+        m = 0.0
+        for k in r["profile"].get("top_kernels", []):
+            new = kernel_category(k["name"])
+            if new != k["category"]:
+                cats[k["category"]] = cats.get(k["category"], 0) - k["ms"]
+                cats[new] = cats.get(new, 0) + k["ms"]
+                m += k["ms"]
+        per_run.append(cats)
+        moved.append(m)
+    order = sorted({c for cats in per_run for c in cats}, key=lambda c: -max(cats.get(c, 0) for cats in per_run))
+    lines = ["| kernel category (ms, % of the profiled step) | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(prof)]
+    for cat in order:
+        cells = []
+        for r, cats in zip(prof, per_run):
+            ms = cats.get(cat)
+            cells.append(f"{ms:,.0f} ({100 * ms / (1e3 * r['profile']['wall_s']):.1f}%)" if ms is not None else "-")
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    for label, fmt in (("all kernels (sum)", lambda p: f"{p['kernel_ms']:,.0f} ({p['kernel_sum_over_wall']:.1%})"),
+                       ("GPU busy (union of kernel intervals)", lambda p: f"{p['gpu_busy_ms']:,.0f} ({p['gpu_busy_fraction']:.1%})"),
+                       ("profiled step wall (ms)", lambda p: f"{1e3 * p['wall_s']:,.0f}"),
+                       ("kernel launches", lambda p: f"{p['kernel_launches']:,}")):
+        lines.append(f"| {label} | " + " | ".join(fmt(r["profile"]) for r in prof) + " |")
+    if any(moved):
+        lines.append(f"| (top kernels re-categorised by the current rules, ms) | "
+                     + " | ".join(f"{m:,.0f}" for m in moved) + " |")
     return "\n".join(lines)
 
 
@@ -441,12 +663,18 @@ def main():
     ap.add_argument("--accum", type=int, default=8)
     ap.add_argument("--checkpointing", default="offload", choices=["offload", "on"])
     ap.add_argument("--probe", type=int, default=0)
+    ap.add_argument("--profile", type=int, nargs="?", const=1, default=0,
+                    help="torch.profiler over each train run's last step (also the run flag `profile`)")
     ap.add_argument("--report", metavar="JSONL", help="only print the table of an earlier run's results")
     args = ap.parse_args()
 
     if args.report:
-        print(table([add_plan(json.loads(line)) for line in Path(args.report).read_text().splitlines()
-                     if "merge_check" not in line]))
+        rows = [add_plan(json.loads(line)) for line in Path(args.report).read_text().splitlines()
+                if line.strip() and "merge_check" not in line]
+        print(table(rows))
+        pt = profile_table(rows)
+        if pt:
+            print("\n" + pt)
         return
     if args.child:
         try:
@@ -468,7 +696,7 @@ def main():
     runs = [parse_run(r) for r in args.runs.split(",") if r]
     if args.merge_check:
         runs.insert(0, {"shape": "30b", "layers": 4, "backend": "unsloth", "q4": False, "seq": 2048, "batch": 2,
-                        "accum": 4, "probe": 1, "checkpointing": "offload"})
+                        "accum": 4, "probe": 1, "checkpointing": "offload", "profile": 0, "env": {}})
     rows, built = [], set()
     for run in runs:
         key = (run["shape"], run["layers"])
@@ -482,21 +710,30 @@ def main():
         argv = ["--child", "train", "--shape", run["shape"], *layers, "--backend", run["backend"],
                 "--q4", str(int(run["q4"])), "--seq", str(run["seq"]), "--batch", str(run["batch"]),
                 "--accum", str(run["accum"]), "--checkpointing", run["checkpointing"], "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--probe", str(run.get("probe", 0)), *common]
-        r = run_child(argv, log, args.timeout)
+                "--probe", str(run.get("probe", 0)), "--profile", str(int(run["profile"] or args.profile)), *common]
+        r = run_child(argv, log, args.timeout, env=run["env"])
         if "tag" not in r:
             r["tag"] = str(run)
+        if r.get("env") is None and run["env"]:
+            r["env"] = run["env"]
         rows.append(r)
-        print("train", json.dumps({k: v for k, v in r.items() if k not in ("plan", "traceback")}), flush=True)
+        prof = r.get("profile")
+        if isinstance(prof, dict) and prof.get("table_file") and Path(prof["table_file"]).exists():
+            shutil.copy2(prof["table_file"], out / f"profile-{r['tag']}.txt")  # small text: comes back with OUT
+        print("train", json.dumps({k: v for k, v in r.items() if k not in ("plan", "traceback", "profile")}), flush=True)
+        if isinstance(prof, dict):
+            print("profile", json.dumps({k: v for k, v in prof.items() if k not in ("top_kernels", "top_cpu_ops")}),
+                  flush=True)
         with open(results_file, "a") as f:
             f.write(json.dumps(r, default=str) + "\n")
         if run.get("probe") and "error" not in r:
-            m = run_child([a if a != "train" else "merge" for a in argv], log, args.timeout)
+            m = run_child([a if a != "train" else "merge" for a in argv], log, args.timeout, env=run["env"])
             print("merge", json.dumps(m), flush=True)
             with open(results_file, "a") as f:
                 f.write(json.dumps({"merge_check": m}, default=str) + "\n")
-        (out / "gpu_backends.md").write_text(table(rows) + "\n")
+        (out / "gpu_backends.md").write_text(table(rows) + "\n\n" + profile_table(rows) + "\n")
     print(table(rows))
+    print(profile_table(rows))
 
 
 if __name__ == "__main__":

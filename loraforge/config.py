@@ -8,8 +8,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import functools
+
 import yaml
-from jsonschema import Draft202012Validator, validators
 
 from loraforge.constants import NEEDS_IMATRIX
 from loraforge.errors import UserError
@@ -17,8 +18,8 @@ from loraforge.fileio import read_hf_config
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
-# K-quants and friends below ~3 bits need an importance matrix, which this pipeline does not
-# build yet: llama-quantize would fail hours into an export.
+# Quants below ~3 bits (NEEDS_IMATRIX) need an importance matrix: without export.imatrix,
+# llama-quantize would fail hours into an export.
 MOE_MODEL_TYPES = {"qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe"}
 
 
@@ -26,7 +27,7 @@ class ConfigError(UserError, ValueError):
     """Bad configuration; the message names the field."""
 
 
-def _with_defaults(validator_class):
+def _with_defaults(validator_class, validators):
     """A validator that fills `default` values while validating (as snakemake's validate())."""
     validate_properties = validator_class.VALIDATORS["properties"]
 
@@ -40,7 +41,13 @@ def _with_defaults(validator_class):
     return validators.extend(validator_class, {"properties": set_defaults})
 
 
-DefaultFillingValidator = _with_defaults(Draft202012Validator)
+@functools.cache
+def default_filling_validator():
+    # imported here: train() reads this module (training_record) where jsonschema may be missing
+    # (the GPU machine's image), and only validation needs it
+    from jsonschema import Draft202012Validator, validators
+
+    return _with_defaults(Draft202012Validator, validators)
 
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
@@ -82,7 +89,7 @@ def parse_size(value: str | int | float) -> int:
 def validate(config: dict, schema: dict | None = None) -> dict:
     """Validate in place (filling defaults) and return the config. Raises ConfigError."""
     schema = schema or load_schema()
-    validator = DefaultFillingValidator(schema)
+    validator = default_filling_validator()(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
@@ -101,10 +108,10 @@ def _check_semantics(config: dict) -> None:
             problems.append(f"retrain[{i}]: unknown model key {key!r}; known: {', '.join(models)} (or all)")
     quants = config["export"]["quants"]
     for i, q in enumerate(quants):
-        if q in NEEDS_IMATRIX:
+        if q in NEEDS_IMATRIX and not config["export"]["imatrix"]["enabled"]:
             problems.append(
-                f"export.quants[{i}]: {q} needs an importance matrix (imatrix), which lora-forge does not build; "
-                "choose a K-quant such as Q4_K_M"
+                f"export.quants[{i}]: {q} needs an importance matrix: set export.imatrix.enabled: true "
+                "(llama-imatrix over the training split), or choose a K-quant such as Q4_K_M"
             )
     export = config["export"]
     if export["modelfile_quant"] not in quants:

@@ -67,6 +67,19 @@ CHATML_JINJA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The same text with TRL's {% generation %} markers around each assistant turn's content and its
+# <|im_end|> (train.assistant_only_loss): used only while training, never saved with a model.
+CHATML_TRAINING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 # The same text as an Ollama TEMPLATE (Go text/template), as Ollama's qwen templates: with
 # .Messages (chat API; Ollama passes all system messages joined as .System and keeps them in
 # .Messages, so system messages are skipped in the loop), else the legacy

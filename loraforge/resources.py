@@ -194,7 +194,6 @@ def artifact_bytes(config: Mapping, model: str, path: str) -> int:
 def rule_outputs(config: Mapping, rule: str, model: str, wildcards: Mapping) -> list[str]:
     """The large outputs of a job (small reports and logs are covered by the headroom)."""
     d = f"{RESULTS_DIR}/{model}"
-    export = config.get("export") or {}
     from loraforge.plan import sizing as P
 
     return {

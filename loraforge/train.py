@@ -15,7 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
+from loraforge.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class TrainConfigError(UserError, ValueError):
+    """A train setting the model cannot be trained with; names the field."""
 
 # The article's reading of a final training loss.
 OVERFIT_BELOW = 0.3
@@ -80,6 +86,15 @@ def lora_config(lora: dict):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def training_chat_template(template: str | None) -> str | None:
+    """The chat template to train on with assistant-only loss: ours with {% generation %} markers
+    for the ChatML template of the tiny bases; any other as it is (TRL swaps in its own training
+    version of the templates it knows, e.g. Qwen2.5 and Qwen3)."""
+    from loraforge.constants import CHATML_JINJA_TEMPLATE, CHATML_TRAINING_TEMPLATE
+
+    return CHATML_TRAINING_TEMPLATE if template == CHATML_JINJA_TEMPLATE else template
 
 
 def _load_chat_dataset(path: str | os.PathLike):
@@ -209,6 +224,9 @@ def train(
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
+    saved_template = tokenizer.chat_template
+    if train_params.get("assistant_only_loss", True):
+        tokenizer.chat_template = training_chat_template(tokenizer.chat_template)
     train_ds = _load_chat_dataset(train_jsonl)
     eval_ds = _load_chat_dataset(validation_jsonl) if validation_jsonl and Path(validation_jsonl).stat().st_size else None
     save_steps, eval_steps = train_params.get("save_steps", 0), train_params.get("eval_steps", 0)
@@ -224,6 +242,7 @@ def train(
         lr_scheduler_type=train_params["lr_scheduler"],
         warmup_steps=train_params["warmup_ratio"],  # TRL 1.x: a float < 1 is a ratio
         packing=train_params["packing"],
+        assistant_only_loss=bool(train_params.get("assistant_only_loss", True)),
         max_length=train_params["max_seq_length"],
         seed=train_params["seed"],
         data_seed=train_params["seed"],
@@ -240,7 +259,16 @@ def train(
         dataloader_num_workers=0,
         **distributed.trainer_arguments(backend, world, on_gpu),
     )
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    try:
+        trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                   processing_class=tokenizer)
+    except ValueError as e:
+        if args.assistant_only_loss and "generation" in str(e):
+            raise TrainConfigError(
+                f"train.assistant_only_loss: {base_dir}'s chat template has no {{% generation %}} markers and TRL "
+                f"has no training version of it ({e}); set train.assistant_only_loss: false to train on every token"
+            ) from None
+        raise
     trainer.add_callback(progress_callback())
     clock = StepClock()
     trainer.add_callback(clock.callback)
@@ -264,6 +292,7 @@ def train(
         return {"rank": distributed.rank(), "steps": steps}
 
     model.save_pretrained(partial)
+    tokenizer.chat_template = saved_template  # the base's own template, never the training one
     tokenizer.save_pretrained(partial)  # so the adapter folder is self-contained for PEFT/Unsloth
     if record is not None:
         training_record.write(partial, record)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,3 +333,66 @@ def test_workflow_training_outputs_and_what_makes_an_adapter_stale(pipeline, tmp
     assert "train_adapter" not in run_snakemake(work, "-n").stdout
     write_config(work, small_config(defaults={"train": {"backend": "trl"}}))
     assert "train_adapter" in run_snakemake(work, "-n").stdout
+
+
+# ----------------------------------------------------------------------------- assistant-only loss
+
+
+def test_the_training_template_renders_the_same_text_and_masks_only_the_assistant(tiny_bases):
+    from loraforge.constants import CHATML_JINJA_TEMPLATE
+    from loraforge.tokenizer import load_tokenizer
+    from loraforge.train import training_chat_template
+
+    tok = load_tokenizer(tiny_bases["qwen3"])
+    assert tok.chat_template == CHATML_JINJA_TEMPLATE
+    training = training_chat_template(tok.chat_template)
+    assert training != CHATML_JINJA_TEMPLATE and training_chat_template("{{ other }}") == "{{ other }}"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "gem devise?"},
+            {"role": "assistant", "content": "No: the Rails 8 generator."}, {"role": "user", "content": "ok"},
+            {"role": "assistant", "content": "Good."}]
+    assert tok.apply_chat_template(msgs, tokenize=False, chat_template=training) == \
+        tok.apply_chat_template(msgs, tokenize=False)
+    out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, chat_template=training,
+                                  return_assistant_tokens_mask=True)
+    kept = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    # both answers and the end-of-turn token the model must learn to stop with; no user text
+    assert kept == "No: the Rails 8 generator.<|im_end|>Good.<|im_end|>"
+
+
+@pytest.mark.slow
+def test_assistant_only_loss_trains_and_keeps_the_base_template(tiny_bases, chat_data, tmp_path):
+    """A real TRL run with the default (assistant-only loss) and one on every token: different
+    adapters, the saved tokenizer keeps the base's own template; a template TRL cannot mark is
+    refused naming the setting."""
+    import json as _json
+
+    from loraforge.train import TrainConfigError, train
+
+    adapters = {}
+    for only in (True, False):
+        a = _train_args(tiny_bases, tmp_path / str(only), chat_data, assistant_only_loss=only, max_steps=2,
+                        save_steps=0, eval_steps=0)
+        train(a["base"], a["train"], None, adapter_dir=a["adapter"], out_dir=a["out"], lora=a["lora"],
+              train_params=a["train_params"])
+        adapters[only] = _adapter_tensors(Path(a["adapter"]))
+        saved = _json.loads((Path(a["adapter"]) / "tokenizer_config.json").read_text()).get("chat_template")
+        saved = saved or (Path(a["adapter"]) / "chat_template.jinja").read_text()
+        base = _json.loads((tiny_bases["qwen3"] / "tokenizer_config.json").read_text()).get("chat_template")
+        base = base or (tiny_bases["qwen3"] / "chat_template.jinja").read_text()
+        assert saved == base and "{% generation %}" not in saved
+    assert any(not adapters[True][k].equal(adapters[False][k]) for k in adapters[True])
+
+    odd = tmp_path / "odd-base"
+    shutil.copytree(tiny_bases["qwen3"], odd)
+    for name in ("tokenizer_config.json",):
+        cfg = _json.loads((odd / name).read_text())
+        if "chat_template" in cfg:
+            cfg["chat_template"] = "{# house template #}" + cfg["chat_template"]
+            (odd / name).write_text(_json.dumps(cfg))
+    if (odd / "chat_template.jinja").exists():
+        (odd / "chat_template.jinja").write_text("{# house template #}" + (odd / "chat_template.jinja").read_text())
+    a = _train_args(tiny_bases, tmp_path / "odd", chat_data, max_steps=1, save_steps=0, eval_steps=0)
+    with pytest.raises(TrainConfigError, match="train.assistant_only_loss"):
+        train(str(odd), a["train"], None, adapter_dir=a["adapter"], out_dir=a["out"], lora=a["lora"],
+              train_params=a["train_params"])
+    assert not Path(a["adapter"]).exists()
