@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from loraforge import llamacpp
+from loraforge.constants import NEEDS_IMATRIX
 from loraforge.errors import UserError
 from loraforge.fileio import write_text_atomic
 
@@ -298,6 +299,8 @@ def evaluate(logits, reference_summary, ggufs: dict[str, str], out_tsv, *, ctx: 
                        f"mean KLD {kld['kld_mean']:.6f}, same top {kld['same_top_pct']:.2f}%")
         if intermediate is not None:
             rows[-1]["imatrix"] = True
+            if quant.upper() in NEEDS_IMATRIX:  # no such quant without a matrix: nothing to compare
+                continue
             rows[-1]["kld_mean_without_imatrix"] = _kld_without_imatrix(
                 intermediate, quant, Path(out_tsv).parent, logits, ctx=ctx, chunks=chunks, threads=threads, log=log)
             _progress(log, f"{quant} without the importance matrix: mean KLD {rows[-1]['kld_mean_without_imatrix']:.6f}")

@@ -118,3 +118,9 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     assert run.returncode != 0
     assert "models.tiny.lora.r: 0 is less than the minimum of 1" in run.stdout + run.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_quant_needing_an_importance_matrix_is_allowed_with_one():
+    cfg = lfconfig.load(REPO / "config.yaml", {"export": {"quants": ["IQ2_XS", "Q4_K_M"], "modelfile_quant": "Q4_K_M",
+                                                          "imatrix": {"enabled": True}}})
+    assert cfg["export"]["quants"] == ["IQ2_XS", "Q4_K_M"]

@@ -53,7 +53,9 @@ def test_imatrix_quants_and_their_measured_gain(pipeline, tmp_path):
     tiny = work / "results" / "tiny"
     plain = {q: _sha(tiny / f"{q}.gguf") for q in ("Q4_K_M", "Q5_K_M")}
     before = _tsv(tiny / "quality.tsv")
-    write_config(work, small_config(export={"imatrix": {"enabled": True, "ctx": 128, "chunks": 16}}))
+    # IQ2_XS too: llama.cpp refuses it without an importance matrix (config check before that)
+    write_config(work, small_config(export={"imatrix": {"enabled": True, "ctx": 128, "chunks": 16},
+                                            "quants": ["Q4_K_M", "Q5_K_M", "IQ2_XS"]}))
     run = run_snakemake(work, "results/tiny/quality.tsv")
     log = run.stdout + run.stderr
     assert "rule imatrix" in log or "localrule imatrix" in log
@@ -70,5 +72,8 @@ def test_imatrix_quants_and_their_measured_gain(pipeline, tmp_path):
         assert float(rows[q]["kld_mean_without_imatrix"]) == pytest.approx(float(before[q]["kld_mean"]), rel=1e-3)
         assert float(rows[q]["kld_mean"]) > 0
     assert rows["F16"]["imatrix"] == "" and before["Q4_K_M"]["imatrix"] == "False"
+    iq = rows["IQ2_XS"]
+    assert iq["imatrix"] == "True" and iq["kld_mean_without_imatrix"] == ""
+    assert float(iq["kld_mean"]) > float(rows["Q4_K_M"]["kld_mean"]) and float(iq["bits_per_weight"]) < 4
     assert not list((tiny / "eval").glob("*-without-imatrix.gguf")), "the comparison quants are deleted"
     assert not (tiny / "F16.gguf").exists(), "the intermediate is temp"
