@@ -552,19 +552,10 @@ def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=N
                 hint = (f" {qtype.upper()} needs an importance matrix (llama-imatrix)."
                         if qtype.upper() in NEEDS_IMATRIX else "")
                 problem = f"llama_model_quantize({src} -> {qtype}) failed (rc {rc}).{hint}"
-            else:
-                try:
-                    _check_magic(tmp)
-                except RuntimeError as e:
-                    problem = str(e)
+            problem = _output_problem(tmp, problem)
             if problem is not None:
-                disk_full = looks_like_disk_full(text="\n".join(tail)) or nearly_full([tmp])
-                tmp.unlink(missing_ok=True)
                 lost = releaser.abort() if releaser is not None else ""
-                _write(f, f"quantization FAILED after {seconds:.1f}s: {problem}{lost}")
-                if disk_full:
-                    raise DiskFullError(disk_full_message(out, f"quantizing {src} to {qtype}") + lost)
-                raise RuntimeError(problem + lost + "\n" + "\n".join(tail))
+                _discard_failed(tmp, out, problem, tail, f, f"quantizing {src} to {qtype}", seconds, lost)
             os.replace(tmp, out)
             if releaser is not None:
                 _write(f, releaser.finish())
@@ -573,6 +564,26 @@ def quantize(in_gguf, out_gguf, qtype: str, threads: int | None = None, *, log=N
             if releaser is not None and not releaser.closed:  # interrupted
                 releaser.abort()
     return out
+
+
+def _output_problem(tmp: Path, problem: str | None) -> str | None:
+    """What is wrong with a finished tool's output file, if anything (not a GGUF: truncated)."""
+    if problem is None:
+        try:
+            _check_magic(tmp)
+        except RuntimeError as e:
+            problem = str(e)
+    return problem
+
+
+def _discard_failed(tmp: Path, out: Path, problem: str, tail, f, what: str, seconds: float, lost: str = "") -> None:
+    """Remove a failed output (never left under the final name) and raise, naming a full disk."""
+    disk_full = looks_like_disk_full(text="\n".join(tail)) or nearly_full([tmp])
+    tmp.unlink(missing_ok=True)
+    _write(f, f"{what}: FAILED after {seconds:.1f}s: {problem}{lost}")
+    if disk_full:
+        raise DiskFullError(disk_full_message(out, what) + lost)
+    raise RuntimeError(problem + lost + "\n" + "\n".join(tail))
 
 
 def _run_tool(cmd: list[str], log, what: str, out: Path, tmp: Path) -> None:
@@ -590,18 +601,9 @@ def _run_tool(cmd: list[str], log, what: str, out: Path, tmp: Path) -> None:
                 f.write(line)
         rc = proc.wait()
         problem = None if rc == 0 and tmp.is_file() else f"{cmd[0]} failed (rc {rc}) {what}"
-        if problem is None:
-            try:
-                _check_magic(tmp)
-            except RuntimeError as e:
-                problem = str(e)
+        problem = _output_problem(tmp, problem)
         if problem is not None:
-            disk_full = looks_like_disk_full(text="\n".join(tail)) or nearly_full([tmp])
-            tmp.unlink(missing_ok=True)
-            _write(f, f"FAILED after {time.time() - started:.1f}s: {problem}")
-            if disk_full:
-                raise DiskFullError(disk_full_message(out, what))
-            raise RuntimeError(problem + "\n" + "\n".join(tail))
+            _discard_failed(tmp, out, problem, tail, f, what, time.time() - started)
         os.replace(tmp, out)
         _write(f, f"{what} -> {out} ({out.stat().st_size} bytes) in {time.time() - started:.1f}s")
 
