@@ -174,7 +174,7 @@ def job_resources(rule_name):
 
 
 # -- the evaluation (rules/quality.smk) --------------------------------------------------
-SIXTEEN_BIT = ("F16", "BF16")
+SIXTEEN_BIT = lfintermediate.SIXTEEN_BIT
 
 
 def reference_name(model):

@@ -90,13 +90,11 @@ def resolve_intermediate(config: Mapping, model: str) -> IntermediateChoice:
 @functools.lru_cache(maxsize=64)
 def _resolve(config_json: str, model: str) -> IntermediateChoice:
     config = json.loads(config_json)
-    export = config.get("export") or {}
-    setting = str(export.get("intermediate", "auto"))
-    if setting != "auto":
-        return IntermediateChoice(setting, "export.intermediate")
-    kept = [q for q in export.get("quants") or [] if q in KEPT_CANDIDATES]
-    if kept:
-        return IntermediateChoice(kept[0], f"{kept[0]} is one of export.quants: the kept GGUF is the intermediate")
+    fixed = fixed_intermediate(config)
+    if fixed is not None:
+        if str((config.get("export") or {}).get("intermediate", "auto")) != "auto":
+            return IntermediateChoice(fixed, "export.intermediate")
+        return IntermediateChoice(fixed, f"{fixed} is one of export.quants: the kept GGUF is the intermediate")
     quota = config.get("disk_quota")
     from loraforge.plan.sizing import plan_steps
 
