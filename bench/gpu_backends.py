@@ -417,6 +417,8 @@ def child_train(args) -> dict:
         "tag": tag, "shape": args.shape, "layers": cfg.num_hidden_layers, "backend": metrics["backend"],
         "load_in_4bit": tp["load_in_4bit"], "seq": args.seq, "batch": args.batch, "accum": args.accum,
         "checkpointing": args.checkpointing, "profiled": bool(args.profile),
+        "assistant_only_loss": bool(tp.get("assistant_only_loss", True)),
+        "loss_token_share": round(metrics["train_loss_tokens"] / metrics["train_tokens"], 4) if metrics.get("train_tokens") else None,
         "steps": metrics["steps"], "step_times_s": [round(x, 2) for x in dts], "s_per_step": round(s_per_step, 3),
         "tokens_per_step": round(tokens_per_step), "tokens_per_s": round(tps), "active_params": active,
         "mfu": round(6 * active * tps / PEAK_FLOPS, 4), "peak_gib": metrics["peak_gpu_memory_gib"],
@@ -535,7 +537,7 @@ def run_child(argv: list[str], log, timeout: int, script: str | Path = __file__,
 
 def parse_run(spec: str) -> dict:
     """shape[/layers]:backend:q4|bf16:seq[:batch x accum[:flag...]], e.g. 30b:unsloth:q4:8192 or
-    30b/4:trl:bf16:2048:2x8 or 30b:unsloth:q4:8192:2x8:on. Flags: offload|on (train.gradient_checkpointing),
+    30b/4:trl:bf16:2048:2x8 or 30b:unsloth:q4:8192:2x8:on. Flags: offload|on|off (train.gradient_checkpointing),
     profile (torch.profiler over the last step, see StepProfiler), moe=<UNSLOTH_MOE_BACKEND> (grouped_mm,
     unsloth_triton, native_torch: set in the child's environment)."""
     parts = spec.split(":")
@@ -545,7 +547,7 @@ def parse_run(spec: str) -> dict:
            "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum),
            "checkpointing": "offload", "profile": 0, "env": {}}
     for flag in parts[5:]:
-        if flag in ("offload", "on"):
+        if flag in ("offload", "on", "off"):
             run["checkpointing"] = flag
         elif flag == "profile":
             run["profile"] = 1
@@ -575,6 +577,9 @@ def gib(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+CHECKPOINTING_LABEL = {"on": " ckpt on GPU", "off": " no ckpt"}
+
+
 def table(rows: list[dict]) -> str:
     head = ("| run | backend | 4-bit | seq | batch | s/step | tokens/s | MFU | peak GiB | steady GiB | plan GiB | "
             "plan err | losses |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -590,7 +595,7 @@ def table(rows: list[dict]) -> str:
         err = f"{(plan - r['peak_gib']) / r['peak_gib']:+.0%}" if plan and r.get("peak_gib") else ""
         lines.append(
             f"| {r['shape']}-{r['layers']}L | {r['backend']} | {r['load_in_4bit']} | {r['seq']} | {r['batch']}x{r['accum']}"
-            f"{' ckpt on GPU' if r.get('checkpointing') == 'on' else ''}"
+            f"{CHECKPOINTING_LABEL.get(r.get('checkpointing'), '')}"
             f"{' moe ' + r['env']['UNSLOTH_MOE_BACKEND'] if r.get('env', {}).get('UNSLOTH_MOE_BACKEND') else ''}"
             f"{' (+1 profiled step)' if r.get('profiled') else ''} | "
             f"{r['s_per_step']:.2f} | {r['tokens_per_s']:,} | {r['mfu']:.1%} | {gib(r['peak_gib'])} | "
@@ -604,7 +609,7 @@ def profile_table(rows: list[dict]) -> str:
     if not prof:
         return ""
     names = [f"{r['shape']}-{r['layers']}L {r['backend']} {'q4' if r['load_in_4bit'] else 'bf16'} {r['seq']} "
-             f"{r['batch']}x{r['accum']}{' ckpt on GPU' if r.get('checkpointing') == 'on' else ''}" for r in prof]
+             f"{r['batch']}x{r['accum']}{CHECKPOINTING_LABEL.get(r.get('checkpointing'), '')}" for r in prof]
     # categories as stored, with the top kernels moved where the current rules (kernel_category) put
     # them: profiles written before a rule changed are corrected for their top kernels
     per_run, moved = [], []
@@ -661,7 +666,7 @@ def main():
     ap.add_argument("--seq", type=int)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accum", type=int, default=8)
-    ap.add_argument("--checkpointing", default="offload", choices=["offload", "on"])
+    ap.add_argument("--checkpointing", default="offload", choices=["offload", "on", "off"])
     ap.add_argument("--probe", type=int, default=0)
     ap.add_argument("--profile", type=int, nargs="?", const=1, default=0,
                     help="torch.profiler over each train run's last step (also the run flag `profile`)")

@@ -89,12 +89,23 @@ def parse_size(value: str | int | float) -> int:
 def validate(config: dict, schema: dict | None = None) -> dict:
     """Validate in place (filling defaults) and return the config. Raises ConfigError."""
     schema = schema or load_schema()
+    _unbool_checkpointing(config)
     validator = default_filling_validator()(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
     _check_semantics(config)
     return config
+
+
+def _unbool_checkpointing(config: dict) -> None:
+    """YAML 1.1 reads an unquoted `gradient_checkpointing: off` (or on) as a boolean: take it as
+    the word that was written."""
+    models = config.get("models") if isinstance(config.get("models"), dict) else {}
+    for section in [config.get("defaults"), *models.values()]:
+        train = section.get("train") if isinstance(section, dict) else None
+        if isinstance(train, dict) and isinstance(train.get("gradient_checkpointing"), bool):
+            train["gradient_checkpointing"] = "on" if train["gradient_checkpointing"] else "off"
 
 
 def _check_semantics(config: dict) -> None:

@@ -80,6 +80,11 @@ def versions(backend: str) -> dict[str, str | None]:
     return out
 
 
+# train.gradient_checkpointing -> Unsloth's use_gradient_checkpointing: "unsloth" offloads the
+# checkpointed hidden states to CPU memory, True keeps them on the GPU, False recomputes nothing
+UNSLOTH_CHECKPOINTING = {"offload": "unsloth", "on": True, "off": False}
+
+
 def load_unsloth(base_dir, lora: dict, train_params: dict):
     """The base as Unsloth loads it (bf16, or NF4 when load_in_4bit), wrapped in LoRA with the
     config's r/alpha/dropout/targets/seed and Unsloth's gradient checkpointing. For a MoE, Unsloth
@@ -103,8 +108,7 @@ def load_unsloth(base_dir, lora: dict, train_params: dict):
         lora_dropout=lora["dropout"],
         target_modules=list(lora["target_modules"]),
         bias="none",
-        # "unsloth": checkpoints offloaded to CPU memory; True: kept on the GPU (no transfers)
-        use_gradient_checkpointing="unsloth" if train_params.get("gradient_checkpointing", "offload") == "offload" else True,
+        use_gradient_checkpointing=UNSLOTH_CHECKPOINTING[train_params.get("gradient_checkpointing", "offload")],
         random_state=train_params["seed"],
         use_rslora=lora["use_rslora"],
         max_seq_length=train_params["max_seq_length"],

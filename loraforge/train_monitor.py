@@ -181,17 +181,24 @@ class StepClock:
 
 
 class TokenCounter:
-    """Wraps a data collator and counts the real (unpadded) tokens of training batches: Unsloth's
-    trainer logs no num_tokens, and tokens/s is the figure that compares backends."""
+    """Wraps a data collator and counts the real (unpadded) tokens of training batches (Unsloth's
+    trainer logs no num_tokens, and tokens/s is the figure that compares backends), and of those
+    the tokens the loss is taken on (labels not -100), which shows whether answers-only applied."""
 
     def __init__(self, collator, model):
-        self.collator, self.model, self.tokens = collator, model, 0
+        self.collator, self.model, self.tokens, self.loss_tokens = collator, model, 0, 0
+        self.checkpointing = None  # transformers' gradient checkpointing flag, seen while training
 
     def __call__(self, features):
         batch = self.collator(features)
         if getattr(self.model, "training", True):
+            if self.checkpointing is None:
+                self.checkpointing = getattr(self.model, "is_gradient_checkpointing", None)
             mask = batch.get("attention_mask")
             self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+            labels = batch.get("labels")
+            if labels is not None:
+                self.loss_tokens += int((labels != -100).sum())
         return batch
 
 

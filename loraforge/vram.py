@@ -14,8 +14,9 @@ peak = weights + LoRA training state + activations, with
               expert parameter, with PEFT's doubled rank for gate_up_proj on the TRL path (its
               rank_pattern) and none on Unsloth's.
   activations per micro-batch token: a per-layer part (checkpointed hidden states; Unsloth
-              offloads them to the CPU) and a per-vocabulary part (logits, their gradient), with
-              coefficients fitted to the H200 runs in bench/h200/ (see ACTIVATION_BYTES).
+              offloads them to the CPU; every activation with gradient_checkpointing: off) and a
+              per-vocabulary part (logits, their gradient), with coefficients fitted to the H200
+              runs in bench/h200/ (see ACTIVATION_BYTES, NO_CHECKPOINT_BYTES).
   DDP buckets with train.gpus > 1: DistributedDataParallel keeps a flat fp32 copy of every trainable
               gradient for its all-reduce (trainable parameters x 4 bytes; not yet measured on GPUs).
 
@@ -55,6 +56,24 @@ ACTIVATION_BYTES = {
 # gradient_checkpointing: on (Unsloth): each layer's checkpointed bf16 hidden state stays on the
 # GPU instead of CPU memory: 2 more bytes per layer x hidden per token (TRL keeps them there anyway).
 ON_GPU_CHECKPOINT_BYTES = 2.0
+# gradient_checkpointing: off: every layer keeps all its activations for the backward pass. Bytes
+# per layer and micro-batch token = a x hidden + b x MLP width (intermediate_size; a MoE's routed
+# width, experts per token x moe_intermediate_size), by (backend, MoE); the per-vocabulary part is
+# ACTIVATION_BYTES'. Fitted to the H200 runs (bench/h200, third session): Unsloth's dense pair from
+# the 3B and 8B (two shapes, two unknowns: an exact fit), its MoE `a` from the 30B-A3B at 1 x 8192
+# and 2 x 8192 tokens (both within 1%) with the dense `b`; TRL's dense from the 3B (as Unsloth's
+# pair x 2.87: one shape, so the split between a and b is Unsloth's). TRL's bytes per token grow
+# with the micro-batch (3B: x 2.56 at 2048 tokens, 2.70 at 4096, 2.87 at 8192, and 2 x 8192 ran
+# out of 139.8 GiB, planned at 126 GiB): fitted to the 8192-token run, and check_training warns
+# beyond it. TRL on a MoE without checkpointing was not measured: planned as Unsloth's MoE x 2.87.
+NO_CHECKPOINT_BYTES = {
+    ("unsloth", False): (23.9, 2.47),
+    ("unsloth", True): (47.7, 2.47),
+    ("trl", False): (68.6, 7.09),
+    ("trl", True): (136.9, 7.09),
+}
+# The largest micro-batch (tokens) that TRL without checkpointing was measured at (see above).
+MEASURED_TRL_NO_CHECKPOINT_MICRO_TOKENS = 8192
 # Allocator slack and workspace (cuBLAS, Triton autotune), by backend. Unsloth's dense runs at two
 # sequence lengths put the intercept (tokens -> 0) at weights + LoRA state (3B -0.15, 8B +0.05 GiB):
 # no room for a separate term there.
@@ -108,6 +127,7 @@ def _shape(cfg: dict) -> dict:
         "hidden": hidden, "layers": int(cfg["num_hidden_layers"]), "vocab": int(cfg["vocab_size"]),
         "q": heads * head_dim, "kv": kv * head_dim, "inter": int(cfg["intermediate_size"]),
         "experts": experts, "moe_inter": int(cfg.get("moe_intermediate_size") or 0),
+        "experts_per_token": int(cfg.get("num_experts_per_tok") or 0),
         "tied": bool(cfg.get("tie_word_embeddings", False)),
     }
 
@@ -153,11 +173,18 @@ def estimate(cfg: dict, lora: dict, train: dict, backend: str) -> VramPlan:
     else:
         weights = 2.0 * (linear + experts + embed_head + norms)
     trainable = trainable_parameters(cfg, lora, backend)
-    per_layer, per_vocab = ACTIVATION_BYTES[(backend, bool(s["experts"]))]
-    if backend == "unsloth" and train.get("gradient_checkpointing", "offload") == "on":
-        per_layer += ON_GPU_CHECKPOINT_BYTES
+    per_hidden, per_vocab = ACTIVATION_BYTES[(backend, bool(s["experts"]))]
+    checkpointing = train.get("gradient_checkpointing", "offload")
+    if checkpointing == "off":
+        a, b = NO_CHECKPOINT_BYTES[(backend, bool(s["experts"]))]
+        mlp_width = s["experts_per_token"] * s["moe_inter"] if s["experts"] else s["inter"]
+        per_layer = a * s["hidden"] + b * mlp_width
+    else:
+        if backend == "unsloth" and checkpointing == "on":
+            per_hidden += ON_GPU_CHECKPOINT_BYTES
+        per_layer = per_hidden * s["hidden"]
     tokens = int(train["per_device_batch_size"]) * int(train["max_seq_length"])
-    activations = tokens * (per_layer * s["layers"] * s["hidden"] + per_vocab * s["vocab"])
+    activations = tokens * (per_layer * s["layers"] + per_vocab * s["vocab"])
     gpus = int(train.get("gpus", 1))
     ddp_buckets = trainable * DDP_BUCKET_BYTES if gpus > 1 else 0
     state_bytes = UNSLOTH_MOE_LORA_STATE_BYTES if backend == "unsloth" and s["experts"] else LORA_STATE_BYTES
@@ -172,6 +199,12 @@ def alternatives(cfg: dict, lora: dict, train: dict, backend: str, limit: float)
         options.append(("load_in_4bit: true", {"load_in_4bit": True}, None))
     if backend == "trl":
         options.append(("backend: unsloth", {}, "unsloth"))
+    checkpointing = train.get("gradient_checkpointing", "offload")
+    # less kept on the GPU: on (Unsloth) keeps the checkpoints there, offload moves them to the
+    # CPU (TRL checkpoints on the GPU with either, so for it only offload is a change from off)
+    lighter = {"off": ("on", "offload") if backend == "unsloth" else ("offload",), "on": ("offload",)}
+    for value in lighter.get(checkpointing, ()):
+        options.append((f"gradient_checkpointing: {value}", {"gradient_checkpointing": value}, None))
     if train["per_device_batch_size"] > 1:
         b = train["per_device_batch_size"]
         options.append((f"per_device_batch_size: 1 (gradient_accumulation_steps: {train['gradient_accumulation_steps'] * b})",
@@ -271,6 +304,11 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
             say(f"warning: {key}: a micro-batch of {micro_tokens} tokens is beyond what was measured for Unsloth's "
                 f"MoE path ({MEASURED_MOE_MICRO_TOKENS}); 4 x 8192 ran out of 139 GiB on the H200 although "
                 "planned at 29 GiB: keep per_device_batch_size x max_seq_length <= 16384")
+        if backend == "trl" and train.get("gradient_checkpointing") == "off" and micro_tokens > MEASURED_TRL_NO_CHECKPOINT_MICRO_TOKENS:
+            say(f"warning: {key}: TRL without gradient checkpointing was measured up to micro-batches of "
+                f"{MEASURED_TRL_NO_CHECKPOINT_MICRO_TOKENS} tokens, and its memory per token grows with them: "
+                f"this plan ({micro_tokens} tokens) is likely low (2 x 8192 ran out of 139.8 GiB on the H200 "
+                "although planned at 126 GiB)")
         if limit is None or plan.total <= limit:
             continue
         from loraforge.plan import base_dir_of, hf_config_of

@@ -124,3 +124,17 @@ def test_a_quant_needing_an_importance_matrix_is_allowed_with_one():
     cfg = lfconfig.load(REPO / "config.yaml", {"export": {"quants": ["IQ2_XS", "Q4_K_M"], "modelfile_quant": "Q4_K_M",
                                                           "imatrix": {"enabled": True}}})
     assert cfg["export"]["quants"] == ["IQ2_XS", "Q4_K_M"]
+
+
+def test_unquoted_on_and_off_are_checkpointing_words(tmp_path):
+    """YAML reads an unquoted `gradient_checkpointing: off` as false; the config takes it as written."""
+    text = (REPO / "config.yaml").read_text()
+    line = "    max_seq_length: 8192\n"
+    assert text.count(line) == 1  # the defaults' train block
+    path = tmp_path / "config.yaml"
+    path.write_text(text.replace(line, line + "    gradient_checkpointing: off\n"))
+    assert yaml.safe_load(path.read_text())["defaults"]["train"]["gradient_checkpointing"] is False
+    config = lfconfig.load(path, {"models": {"tiny": {"train": {"gradient_checkpointing": True}}}})
+    assert config["defaults"]["train"]["gradient_checkpointing"] == "off"
+    assert lfconfig.model_settings(config, "30b")["train"]["gradient_checkpointing"] == "off"
+    assert lfconfig.model_settings(config, "tiny")["train"]["gradient_checkpointing"] == "on"

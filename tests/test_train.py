@@ -70,7 +70,8 @@ def test_config_defaults_and_backend_field():
     assert lfconfig.load(REPO / "config.yaml", {"gpu_memory": "80GB"})["gpu_memory"] == "80GB"
 
 
-def test_unsloth_path_maps_the_config(monkeypatch):
+@pytest.mark.parametrize("checkpointing, unsloth_value", [(None, "unsloth"), ("offload", "unsloth"), ("on", True), ("off", False)])
+def test_unsloth_path_maps_the_config(monkeypatch, checkpointing, unsloth_value):
     """Unsloth cannot run here (CUDA only): a stand-in FastLanguageModel records what
     load_unsloth asks of it, to pin the config -> Unsloth mapping."""
     import types
@@ -93,6 +94,8 @@ def test_unsloth_path_maps_the_config(monkeypatch):
 
     lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "gate_proj"], "use_rslora": True}
     train = {"max_seq_length": 8192, "load_in_4bit": True, "seed": 3407}
+    if checkpointing:
+        train["gradient_checkpointing"] = checkpointing
     assert load_unsloth("/models/base", lora, train) == "peft-model"
     fp = calls["from_pretrained"]
     assert (fp["model_name"], fp["max_seq_length"], fp["load_in_4bit"], str(fp["dtype"])) == (
@@ -100,7 +103,7 @@ def test_unsloth_path_maps_the_config(monkeypatch):
     model, kw = calls["get_peft_model"]
     assert model == "model"
     assert kw == {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "gate_proj"],
-                  "bias": "none", "use_gradient_checkpointing": "unsloth", "random_state": 3407,
+                  "bias": "none", "use_gradient_checkpointing": unsloth_value, "random_state": 3407,
                   "use_rslora": True, "max_seq_length": 8192}
 
 
@@ -148,12 +151,15 @@ def test_token_counter_counts_unpadded_training_tokens():
     class Model:
         training = True
 
+        is_gradient_checkpointing = True
+
     model = Model()
-    counter = TokenCounter(lambda f: {"input_ids": torch.zeros(2, 5), "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])}, model)
+    counter = TokenCounter(lambda f: {"input_ids": torch.zeros(2, 5), "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]),
+                                      "labels": torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, -100, -100, -100]])}, model)
     counter([{}])
     model.training = False  # eval batches do not count
     counter([{}])
-    assert counter.tokens == 7
+    assert (counter.tokens, counter.loss_tokens, counter.checkpointing) == (7, 4, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,3 +402,27 @@ def test_assistant_only_loss_trains_and_keeps_the_base_template(tiny_bases, chat
         train(str(odd), a["train"], None, adapter_dir=a["adapter"], out_dir=a["out"], lora=a["lora"],
               train_params=a["train_params"])
     assert not Path(a["adapter"]).exists()
+
+
+def test_gradient_checkpointing_off_trains_without_it_to_the_same_adapter(tiny_bases, chat_data, tmp_path):
+    """train.gradient_checkpointing: off reaches the Trainer (TRL checkpoints by default, and
+    prepare_model_for_kbit_training would switch it on again for 4-bit): the metrics record it as
+    off while training, and the adapter equals the checkpointed run's (recomputing the forward
+    pass changes memory and time, not the numbers)."""
+    import torch
+
+    from loraforge.train import train
+
+    adapters, metrics = {}, {}
+    for mode in ("offload", "off"):
+        a = _train_args(tiny_bases, tmp_path / mode, chat_data, gradient_checkpointing=mode, max_steps=2,
+                        save_steps=0, eval_steps=0)
+        metrics[mode] = train(a["base"], a["train"], None, adapter_dir=a["adapter"], out_dir=a["out"], lora=a["lora"],
+                              train_params=a["train_params"])
+        adapters[mode] = _adapter_tensors(Path(a["adapter"]))
+    assert (metrics["offload"]["checkpointing_active"], metrics["off"]["checkpointing_active"]) == (True, False)
+    assert metrics["off"]["gradient_checkpointing"] == "off"
+    assert 0 < metrics["off"]["train_loss_tokens"] < metrics["off"]["train_tokens"]  # answers only, by default
+    assert adapters["off"].keys() == adapters["offload"].keys()
+    for k in adapters["off"]:
+        assert torch.allclose(adapters["off"][k], adapters["offload"][k], rtol=0, atol=1e-6), k

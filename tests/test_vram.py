@@ -98,6 +98,43 @@ def test_refusal_names_what_would_fit(monkeypatch):
     assert "warning: 30b: a micro-batch of 32768 tokens is beyond what was measured" in lines[-1]
 
 
+def test_checkpointing_off_is_planned_and_refused_naming_lighter_settings(monkeypatch):
+    """gradient_checkpointing: off keeps every activation (the 30B-A3B at 2 x 8192: 105.9 GiB
+    measured on the H200): refused on the article's 80 GB GPU, naming checkpointing on/offload and
+    micro-batch 1 (measured 64.5 GiB), which fit; TRL without checkpointing warns beyond the
+    micro-batch it was measured at."""
+    from loraforge import config as lfconfig
+
+    monkeypatch.setattr(vram, "visible_gpu_memory", lambda gpus=1: None)
+
+    def settings(gpu: str, model: str, **train) -> dict:
+        return lfconfig.load(REPO / "config.yaml", {"gpu_memory": gpu, "models": {model: {"train": train}}})
+
+    lines = []
+    with pytest.raises(vram.VramError) as e:
+        vram.check_training(settings("80GB", "30b", backend="unsloth", gradient_checkpointing="off"), ["30b"], say=lines.append)
+    message = str(e.value)
+    assert "training 30b needs about 106.1 GiB" in message
+    for fit in ("gradient_checkpointing: on (29.7 GiB)", "gradient_checkpointing: offload (26.7 GiB)",
+                "per_device_batch_size: 1 (gradient_accumulation_steps: 16) (64.4 GiB)"):
+        assert fit in message
+    vram.check_training(settings("141GB", "30b", backend="unsloth", gradient_checkpointing="off"), ["30b"], say=lines.append)
+    # with checkpoints kept on the GPU, only offloading them is lighter; TRL has no "on" of its own
+    with pytest.raises(vram.VramError, match=r"gradient_checkpointing: offload \(26.7 GiB\)") as e:
+        vram.check_training(settings("28GiB", "30b", backend="unsloth", gradient_checkpointing="on"), ["30b"], say=lines.append)
+    assert "gradient_checkpointing: on" not in str(e.value)
+    with pytest.raises(vram.VramError) as e:
+        vram.check_training(settings("40GB", "3b", backend="trl", gradient_checkpointing="off"), ["3b"], say=lines.append)
+    assert "gradient_checkpointing: offload (" in str(e.value) and "gradient_checkpointing: on" not in str(e.value)
+    lines.clear()
+    vram.check_training(settings("141GB", "3b", backend="trl", gradient_checkpointing="off", per_device_batch_size=1),
+                        ["3b"], say=lines.append)
+    assert not any(line.startswith("warning") for line in lines)
+    vram.check_training(settings("141GB", "3b", backend="trl", gradient_checkpointing="off", per_device_batch_size=2),
+                        ["3b"], say=lines.append)
+    assert "warning: 3b: TRL without gradient checkpointing was measured up to micro-batches of 8192 tokens" in lines[-1]
+
+
 def test_no_gpu_size_means_no_refusal(monkeypatch):
     from loraforge import config as lfconfig
 
