@@ -255,10 +255,15 @@ def gpu_memory_limit(config: dict, gpus: int = 1) -> tuple[int | None, str]:
     return None, "no gpu_memory in the config and no GPU visible"
 
 
+def _hf_config(config: dict, key: str, results_dir: str) -> dict:
+    from loraforge.plan import base_dir_of, hf_config_of
+
+    return hf_config_of(config, key, base_dir_of(config, key, results_dir))
+
+
 def plan_training(config: dict, models: list[str], results_dir: str = "results") -> list[tuple[str, VramPlan | None, str]]:
     """(model, plan, backend note) for each model that trains; plan None when its shape is unknown."""
     from loraforge.config import model_settings
-    from loraforge.plan import base_dir_of, hf_config_of
     from loraforge.train_backends import BackendError, resolve_backend
 
     out = []
@@ -272,7 +277,7 @@ def plan_training(config: dict, models: list[str], results_dir: str = "results")
             backend = resolve_backend(s["train"].get("backend", "auto"))
         except BackendError:
             backend = "unsloth"  # planned as requested; the training job itself refuses if it cannot run
-        cfg = hf_config_of(config, key, base_dir_of(config, key, results_dir))
+        cfg = _hf_config(config, key, results_dir)
         if not cfg or "hidden_size" not in cfg:
             out.append((key, None, backend))
             continue
@@ -283,6 +288,19 @@ def plan_training(config: dict, models: list[str], results_dir: str = "results")
 # The largest micro-batch (tokens) measured on Unsloth's MoE path: 2 x 8192 peaked at 25.7 GiB on
 # the 30B-A3B shape, 4 x 8192 ran out of 139 GiB (bench/h200), which this plan does not model.
 MEASURED_MOE_MICRO_TOKENS = 16384
+
+
+def _note_faster_fit(cfg: dict, settings: dict, backend: str, limit: int, source: str, key: str, say) -> None:
+    """A job that checkpoints and would also fit without: say so (on the H200 that was 1.1-1.4x
+    the tokens/s, bench/h200/gpu_backends-h200.md), since the default favours small GPUs."""
+    train = settings["train"]
+    if train.get("gradient_checkpointing", "offload") == "off":
+        return
+    off = estimate(cfg, settings["lora"], {**train, "gradient_checkpointing": "off"}, backend)
+    if off.total <= limit:
+        say(f"note: {key} would also fit without gradient checkpointing ({off.total_gib:.1f} GiB of the "
+            f"{limit / GIB:.1f} GiB of {source}): models.{key}.train.gradient_checkpointing: off trained "
+            "1.1-1.4x faster on the H200 (bench/h200/gpu_backends-h200.md)")
 
 
 def check_training(config: dict, models: list[str], results_dir: str = "results", say=print) -> None:
@@ -309,13 +327,12 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
                 f"{MEASURED_TRL_NO_CHECKPOINT_MICRO_TOKENS} tokens, and its memory per token grows with them: "
                 f"this plan ({micro_tokens} tokens) is likely low (2 x 8192 ran out of 139.8 GiB on the H200 "
                 "although planned at 126 GiB)")
+        if limit is not None and plan.total <= limit:
+            _note_faster_fit(_hf_config(config, key, results_dir), model_settings(config, key), backend, limit, source, key, say)
         if limit is None or plan.total <= limit:
             continue
-        from loraforge.plan import base_dir_of, hf_config_of
-
         s = model_settings(config, key)
-        cfg = hf_config_of(config, key, base_dir_of(config, key, results_dir))
-        fits = alternatives(cfg, s["lora"], s["train"], backend, limit)
+        fits = alternatives(_hf_config(config, key, results_dir), s["lora"], s["train"], backend, limit)
         hint = ("; would fit with models." + key + ".train " + "; or ".join(fits)) if fits else "; nothing tried fits: use a larger GPU"
         raise VramError(
             f"training {key} needs about {plan.total_gib:.1f} GiB of GPU memory, more than the "

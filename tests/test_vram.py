@@ -118,7 +118,15 @@ def test_checkpointing_off_is_planned_and_refused_naming_lighter_settings(monkey
     for fit in ("gradient_checkpointing: on (29.7 GiB)", "gradient_checkpointing: offload (26.7 GiB)",
                 "per_device_batch_size: 1 (gradient_accumulation_steps: 16) (64.4 GiB)"):
         assert fit in message
+    lines.clear()
     vram.check_training(settings("141GB", "30b", backend="unsloth", gradient_checkpointing="off"), ["30b"], say=lines.append)
+    assert len(lines) == 1  # the plan, no note
+    # a checkpointing job that would also fit without is told so; on 80 GB it is not
+    vram.check_training(settings("141GB", "30b", backend="unsloth"), ["30b"], say=lines.append)
+    assert lines[-1].startswith("note: 30b would also fit without gradient checkpointing (106.1 GiB of the 131.3 GiB")
+    lines.clear()
+    vram.check_training(settings("80GB", "30b", backend="unsloth"), ["30b"], say=lines.append)
+    assert not any(line.startswith("note") for line in lines)
     # with checkpoints kept on the GPU, only offloading them is lighter; TRL has no "on" of its own
     with pytest.raises(vram.VramError, match=r"gradient_checkpointing: offload \(26.7 GiB\)") as e:
         vram.check_training(settings("28GiB", "30b", backend="unsloth", gradient_checkpointing="on"), ["30b"], say=lines.append)
