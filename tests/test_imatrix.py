@@ -47,6 +47,27 @@ def test_the_plan_keeps_the_intermediate_whole_under_an_imatrix():
         assert bool(deleted) == enabled  # whole, after the last quant
 
 
+def test_the_plan_counts_the_evaluations_comparison_quant():
+    """With export.imatrix the evaluation makes each kept quant again without the matrix, one temp
+    file at a time: the plan counts the largest on top of what is on disk while it evaluates."""
+    from loraforge.config import validate
+    from loraforge.plan import plan_steps
+    from loraforge.plan.intermediate import export_chain_steps
+
+    plans = {}
+    for enabled in (False, True):
+        cfg = validate(small_config(export={"imatrix": {"enabled": enabled}}))
+        plans[enabled] = plan_steps(export_chain_steps(cfg, "tiny", "F16"), cfg, free=None, measure=False)
+    assert not [e for e in plans[False].events if "without the importance matrix" in e.event]
+    [extra] = [e for e in plans[True].events if "without the importance matrix" in e.event]
+    assert extra.rule == "evaluate"
+    quants = {e.path: e.delta for e in plans[True].events if e.rule == "quantize_gguf" and e.event == "write"}
+    assert quants and extra.delta == max(quants.values()) > 0
+    events = plans[True].events
+    assert extra.used == events[events.index(extra) - 1].used + extra.delta  # on top of what is there
+    assert plans[True].peak >= extra.used
+
+
 @pytest.mark.slow
 def test_imatrix_quants_and_their_measured_gain(pipeline, tmp_path):
     work = clone_pipeline(pipeline, tmp_path / "work")

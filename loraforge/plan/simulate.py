@@ -58,6 +58,9 @@ class Planner:
     # adapter path -> (bytes of one training checkpoint, checkpoints kept): the Trainer writes a
     # new checkpoint before it drops the oldest, so keep + 1 exist at once while training
     checkpoints: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # export.imatrix: the evaluate job also makes each kept quant without the matrix, one temp
+    # file at a time, to measure what the matrix gained
+    comparison_quants: bool = False
 
     def __post_init__(self):
         if self.merge_mode not in MERGE_MODES:
@@ -169,6 +172,7 @@ class Planner:
             for p in s.inputs:
                 consumers[p].add(i)
         temp = set().union(*(s.temp_outputs | s.temp_inputs for s in steps)) if steps else set()
+        quants = {p for s in steps if self.roles.get(s.rule) == "quantize" for p in s.outputs}
 
         sim = _Sim(self)
         for p, b in self.existing.items():
@@ -203,6 +207,9 @@ class Planner:
                     if p in self.checkpoints:
                         one, keep = self.checkpoints[p]
                         sim.transient((keep + 1) * one, f"{keep + 1} checkpoints while training (removed at the end)")
+                if self.comparison_quants and s.rule == "evaluate":
+                    largest = max((self.sizes.get(p, 0) for p in s.inputs if p in quants), default=0)
+                    sim.transient(largest, "evaluating: a quant made without the importance matrix, one at a time")
                 if not wrote:
                     sim.emit(k, s, "done", "", 0)
             done.add(i)

@@ -288,7 +288,7 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
     # llama-quantize --imatrix (export.imatrix) reads its input whole: no release in consume mode
     imatrix = bool(((config.get("export") or {}).get("imatrix") or {}).get("enabled"))
     planner = Planner(steps, ri.sizes, ri.existing, "link", ri.layouts, results_dir,
-                      release_in_quantize=False if imatrix else None,
+                      release_in_quantize=False if imatrix else None, comparison_quants=imatrix,
                       background=max(0, ri.background),
                       consumable=not any(s.model in users_bases for s in steps), checkpoints=ri.checkpoints)
     mode = merge_mode or ri.merge_mode
