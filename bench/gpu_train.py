@@ -251,8 +251,8 @@ def child_train(args) -> dict:
 
         orig_load_model = lftrain.load_model
 
-        def load_model(base_dir, load_in_4bit):
-            model = orig_load_model(base_dir, load_in_4bit)
+        def load_model(base_dir, load_in_4bit, **kwargs):
+            model = orig_load_model(base_dir, load_in_4bit, **kwargs)
             if load_in_4bit and torch.cuda.is_available():
                 for p in model.parameters():
                     if p.ndim >= 3 and p.dtype == torch.float32:
