@@ -96,6 +96,7 @@ class VramPlan:
     moe: bool = False
     ddp_buckets: float = 0.0
     gpus: int = 1
+    checkpointing: str = "offload"
 
     @property
     def total(self) -> float:
@@ -114,7 +115,16 @@ class VramPlan:
         ddp = f" + DDP buckets {self.ddp_buckets / GIB:.1f}" if self.gpus > 1 else ""
         where = f"; per GPU, on each of {self.gpus} GPUs" if self.gpus > 1 else ""
         return (f"{self.total_gib:.1f} GiB = weights {self.weights / GIB:.1f} + LoRA state {self.lora_state / GIB:.1f} "
-                f"+ activations {self.activations / GIB:.1f} + fixed {self.fixed / GIB:.1f}{ddp} ({self.backend}{where})")
+                f"+ activations {self.activations / GIB:.1f} + fixed {self.fixed / GIB:.1f}{ddp} "
+                f"({self.backend}, {self.checkpointing_words}{where})")
+
+    @property
+    def checkpointing_words(self) -> str:
+        if self.checkpointing == "off":
+            return "no gradient checkpointing"
+        # TRL keeps its checkpoints on the GPU with either value
+        offloaded = self.checkpointing == "offload" and self.backend == "unsloth"
+        return "checkpoints offloaded to CPU memory" if offloaded else "checkpoints on the GPU"
 
 
 def _shape(cfg: dict) -> dict:
@@ -189,7 +199,7 @@ def estimate(cfg: dict, lora: dict, train: dict, backend: str) -> VramPlan:
     ddp_buckets = trainable * DDP_BUCKET_BYTES if gpus > 1 else 0
     state_bytes = UNSLOTH_MOE_LORA_STATE_BYTES if backend == "unsloth" and s["experts"] else LORA_STATE_BYTES
     return VramPlan(float(weights), float(trainable * state_bytes), float(activations), float(FIXED_BYTES[backend]),
-                    trainable, backend, bool(s["experts"]), float(ddp_buckets), gpus)
+                    trainable, backend, bool(s["experts"]), float(ddp_buckets), gpus, checkpointing)
 
 
 def alternatives(cfg: dict, lora: dict, train: dict, backend: str, limit: float) -> list[str]:
