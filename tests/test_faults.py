@@ -75,6 +75,23 @@ def check_unharmed(work: Path, adapter_before: dict[str, str], model: str = "tin
             raise AssertionError(f"{p} looks finished but is not a GGUF")
 
 
+def run_concurrently(jobs: list[tuple[Path, tuple[str, ...]]]) -> list[subprocess.CompletedProcess]:
+    """`run_snakemake(workdir, *args, check=False)` for each (workdir, args), all at once (each
+    in its own workdir); the results in the same order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: run_snakemake(job[0], *job[1], check=False), jobs))
+
+
+def unlock(work: Path) -> None:
+    """`snakemake --unlock` where a killed run left its locks behind. A run that ended by itself
+    (finished or failed) releases them, and --unlock would only start Snakemake to do nothing."""
+    locks = work / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()):
+        run_snakemake(work, "--unlock")
+
+
 # --------------------------------------------------------------------------------------
 # bad config: refused before any job, naming the field
 # --------------------------------------------------------------------------------------
@@ -177,17 +194,26 @@ BAD_DATA = {
 
 
 @pytest.mark.slow
-def test_bad_data_names_file_and_line(work):
-    before = adapter_digest(work)
-    for case, (content, needle) in BAD_DATA.items():
-        bad = work / f"bad-{case.replace(' ', '-')}.jsonl"
+def test_bad_data_names_file_and_line(work, tmp_path):
+    # The cases are independent, so each gets its own copy of the pipeline and the runs go at
+    # once: a run is mostly Snakemake's and the job's start-up on one core, and the suite runs
+    # tests one at a time on two. Every case is still a real run with all its checks.
+    cases = []
+    for i, (case, (content, needle)) in enumerate(BAD_DATA.items()):
+        w = work if i == 0 else clone_pipeline(work, tmp_path / f"work-{i}")
+        cases.append((w, case, content, needle))
+    befores = [adapter_digest(w) for w, *_ in cases]
+    for w, case, content, _ in cases:
+        bad = w / f"bad-{case.replace(' ', '-')}.jsonl"
         bad.write_bytes(content)
-        write_config(work, small_config(data={"samples": str(bad)}))
+        write_config(w, small_config(data={"samples": str(bad)}))
         count("bad_inputs_tried")
-        run = run_snakemake(work, "results/tiny/data/train.jsonl", check=False)
+    runs = run_concurrently([(w, ("results/tiny/data/train.jsonl",)) for w, *_ in cases])
+    for (w, case, _, needle), run, before in zip(cases, runs, befores):
+        bad = w / f"bad-{case.replace(' ', '-')}.jsonl"
         out = assert_clear_failure(run, "error in rule prepare_data", str(bad) + needle if needle.startswith(":") else needle)
         assert "UnicodeDecodeError" not in out
-        check_unharmed(work, before)
+        check_unharmed(w, before)
 
 
 # --------------------------------------------------------------------------------------
@@ -293,7 +319,7 @@ def test_restored_adapter_after_failed_retrain_is_not_retrained(work):
     assert rc.returncode == 0, rc.stderr
     assert adapter_digest(work) == original and digest(work / "results/tiny/train") == reports
     write_config(work, small_config())
-    run_snakemake(work, "--unlock")
+    unlock(work)
     run = run_snakemake(work, *TINY_FINALS, check=False)
     out = console(run)
     # either nothing to retrain, or a refusal naming the way to keep the adapter; never a retrain
@@ -403,11 +429,11 @@ def test_killed_at_every_export_rule_then_rerun_finishes(work):
         (work / p).unlink()
     hits = []
     for rule in EXPORT_RULES:
-        run_snakemake(work, "--unlock")
+        unlock(work)
         hits.append((rule, kill_during(work, rule, *TINY_FINALS, "results/tiny/memory.tsv")))
         count("faults_injected")
         check_unharmed(work, before)
-    run_snakemake(work, "--unlock")
+    unlock(work)
     run_snakemake(work, *TINY_FINALS, "results/tiny/memory.tsv")
     check_unharmed(work, before)
     for p, data in finals.items():
@@ -427,7 +453,7 @@ def test_killed_during_training_then_rerun_trains(work):
     assert not (work / "results/tiny/adapter").exists(), "no half-written adapter in place"
     archive = next((work / "results/tiny/adapter-archive").iterdir())
     assert digest(archive / "adapter") == original
-    run_snakemake(work, "--unlock")
+    unlock(work)
     run_snakemake(work, "results/tiny/train/metrics.json")
     assert json.loads((work / "results/tiny/adapter/adapter_config.json").read_text())["r"] == 4
 
@@ -440,10 +466,10 @@ def test_killed_during_base_build_and_data_preparation(work):
     before = adapter_digest(work)
     for rule, target in (("build_tiny_base", "results/tiny/base.complete"),
                          ("prepare_data", "results/tiny/data/train.jsonl")):
-        run_snakemake(work, "--unlock")
+        unlock(work)
         assert kill_during(work, rule, target), f"not killed during {rule}"
         count("faults_injected")
-        run_snakemake(work, "--unlock")
+        unlock(work)
         run_snakemake(work, target)
         check_unharmed(work, before)
     # the rebuilt base and data are the same as before: no retraining is asked for
@@ -544,7 +570,7 @@ def test_disk_full_during_each_writing_rule(small_disk, rule):
     assert not (work / target).exists()
     # free the space: the same command finishes
     ballast.unlink()
-    run_snakemake(work, "--unlock")
+    unlock(work)
     run_snakemake(work, target)
     if adapter_before is not None:
         check_unharmed(work, adapter_before)
