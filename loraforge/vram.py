@@ -326,7 +326,8 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
             continue
         limit, source = gpu_memory_limit(config, plan.gpus)
         say(f"VRAM plan of {key}: {plan.describe()}")
-        train = model_settings(config, key)["train"]
+        settings = model_settings(config, key)
+        train = settings["train"]
         micro_tokens = train["per_device_batch_size"] * train["max_seq_length"]
         if backend == "unsloth" and plan.moe and micro_tokens > MEASURED_MOE_MICRO_TOKENS:
             say(f"warning: {key}: a micro-batch of {micro_tokens} tokens is beyond what was measured for Unsloth's "
@@ -337,12 +338,13 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
                 f"{MEASURED_TRL_NO_CHECKPOINT_MICRO_TOKENS} tokens, and its memory per token grows with them: "
                 f"this plan ({micro_tokens} tokens) is likely low (2 x 8192 ran out of 139.8 GiB on the H200 "
                 "although planned at 126 GiB)")
-        if limit is not None and plan.total <= limit:
-            _note_faster_fit(_hf_config(config, key, results_dir), model_settings(config, key), backend, limit, source, key, say)
-        if limit is None or plan.total <= limit:
+        if limit is None:
             continue
-        s = model_settings(config, key)
-        fits = alternatives(_hf_config(config, key, results_dir), s["lora"], s["train"], backend, limit)
+        cfg = _hf_config(config, key, results_dir)
+        if plan.total <= limit:
+            _note_faster_fit(cfg, settings, backend, limit, source, key, say)
+            continue
+        fits = alternatives(cfg, settings["lora"], train, backend, limit)
         hint = ("; would fit with models." + key + ".train " + "; or ".join(fits)) if fits else "; nothing tried fits: use a larger GPU"
         raise VramError(
             f"training {key} needs about {plan.total_gib:.1f} GiB of GPU memory, more than the "
