@@ -217,11 +217,11 @@ def train(
     # LoRA's A matrices are initialised randomly: seed first, so a run is reproducible (the
     # Trainer seeds only after the model exists)
     set_seed(train_params["seed"])
+    checkpointing_off = train_params.get("gradient_checkpointing", "offload") == "off"
     if backend == "unsloth":
         model = load_unsloth(base_dir, lora, train_params)
     else:
-        model = load_model(base_dir, train_params["load_in_4bit"],
-                           gradient_checkpointing=train_params.get("gradient_checkpointing", "offload") != "off")
+        model = load_model(base_dir, train_params["load_in_4bit"], gradient_checkpointing=not checkpointing_off)
         model = get_peft_model(model, lora_config(lora))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -260,7 +260,7 @@ def train(
         disable_tqdm=True,  # progress goes to the rule log as step/total, s/step, ETA lines
         dataloader_num_workers=0,
         # SFTConfig checkpoints by default; only "off" changes that (Unsloth honours an explicit False)
-        **({"gradient_checkpointing": False} if train_params.get("gradient_checkpointing") == "off" else {}),
+        **({"gradient_checkpointing": False} if checkpointing_off else {}),
         **distributed.trainer_arguments(backend, world, on_gpu),
     )
     try:
