@@ -147,6 +147,11 @@ def child_build(args) -> dict:
     with torch.device("cpu" if args.cpu_smoke else "cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
+    # saving straight from an 80 GB GPU runs out of memory inside save_pretrained (transformers 5
+    # splits the fused experts on the GPU): save from CPU memory
+    model = model.to("cpu")
+    if not args.cpu_smoke:
+        torch.cuda.empty_cache()
     built = time.time() - t0
     tmp = d.with_name(d.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -195,6 +200,93 @@ class StepTimer:
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+def dynamo_counters() -> dict:
+    """How much torch.compile did: graphs compiled, recompiles, graph breaks (a recompile per new
+    sequence length would show here)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "frames") and v} or None
+    except Exception:
+        return None
+
+
+class MemoryHistory:
+    """torch.cuda.memory._record_memory_history over the first optimizer step; at its end (or at an
+    exception such as out of memory) the allocation trace is replayed to the moment of the highest
+    allocated total, and the blocks live then are grouped by the code that allocated them
+    (innermost frames outside torch). Summary in the run's JSON, the full grouping in folder."""
+
+    def __init__(self, folder: Path, max_entries: int = 3_000_000):
+        import torch
+        from transformers import TrainerCallback
+
+        self.folder, self.summary, self.done = folder, None, False
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                 max_entries=max_entries)
+        hist = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                if state.global_step == 1:
+                    hist.finish("end of step 1")
+
+        self.callback = _CB()
+
+    @staticmethod
+    def _key(frames: list) -> str:
+        outside = [f for f in frames if "/torch/" not in f["filename"] and not f["filename"].startswith("<")]
+        pick = (outside or frames)[:3]
+        return " <- ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in pick) or "?"
+
+    def finish(self, when: str) -> None:
+        import torch
+
+        if self.done:
+            return
+        self.done = True
+        t = time.time()
+        try:
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            trace = snap["device_traces"][torch.cuda.current_device()]
+            live, total, peak, peak_at = {}, 0, 0, -1
+            for i, e in enumerate(trace):
+                if e["action"] == "alloc":
+                    live[e["addr"]] = e["size"]
+                    total += e["size"]
+                    if total > peak:
+                        peak, peak_at = total, i
+                elif e["action"] == "free_completed" and e["addr"] in live:
+                    total -= live.pop(e["addr"])
+            blocks = {}
+            for e in trace[:peak_at + 1]:
+                if e["action"] == "alloc":
+                    blocks[e["addr"]] = e
+                elif e["action"] == "free_completed":
+                    blocks.pop(e["addr"], None)
+            groups: dict[str, list] = {}
+            for e in blocks.values():
+                g = groups.setdefault(self._key(e.get("frames", [])), [0, 0, 0])
+                g[0] += e["size"]
+                g[1] += 1
+                g[2] = max(g[2], e["size"])
+            # what was live at the end of the trace too (the steady part), for comparison
+            top = sorted(groups.items(), key=lambda kv: -kv[1][0])
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lines = [f"{v[0] / 2**30:8.2f} GiB {v[1]:7d} blocks (largest {v[2] / 2**20:8.1f} MiB)  {k}" for k, v in top]
+            (self.folder / "memhist.txt").write_text(f"{when}; trace events {len(trace)}; peak allocated "
+                                                      f"{peak / 2**30:.2f} GiB at event {peak_at}\n" + "\n".join(lines))
+            self.summary = {"when": when, "events": len(trace), "peak_at_event": peak_at,
+                            "peak_traced_gib": round(peak / 2**30, 2), "still_live_at_end_gib": round(total / 2**30, 2),
+                            "top": [{"gib": round(v[0] / 2**30, 2), "blocks": v[1], "largest_mib": round(v[2] / 2**20, 1),
+                                     "where": k} for k, v in top[:25]],
+                            "analysis_s": round(time.time() - t, 1)}
+        except Exception as e:  # never lose the run to its diagnosis
+            self.summary = {"when": when, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-1500:]}
+        print("memhist", json.dumps(self.summary), flush=True)
 
 
 # Kernel categories for the profile, first match wins (lower-cased kernel name).
@@ -385,6 +477,7 @@ def child_train(args) -> dict:
     base_dir = Path(args.models) / f"{args.shape}-{args.layers or 'all'}"
     lora, tp = settings_for(SETTINGS_KEY[args.shape])
     tp.update(backend=args.backend, load_in_4bit=bool(args.q4), max_seq_length=args.seq, max_steps=args.steps,
+              compile_warmup=not args.no_compile_warmup,
               save_steps=0, eval_steps=0, per_device_batch_size=args.batch, gradient_accumulation_steps=args.accum,
               gradient_checkpointing=args.checkpointing)
     if args.cpu_smoke:
@@ -398,11 +491,19 @@ def child_train(args) -> dict:
     if args.profile:  # the last step (after the warm-up): the steps before it stay unprofiled
         profiler = StepProfiler(max(args.steps - 1, args.warmup))
         ttrainer.DEFAULT_CALLBACKS.append(profiler.callback)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    history = MemoryHistory(work / tag) if args.memhist and torch.cuda.is_available() else None
+    if history is not None:
+        ttrainer.DEFAULT_CALLBACKS.append(history.callback)
     t0 = time.time()
-    metrics = train(str(base_dir), str(train_jsonl), None, adapter_dir=str(work / tag / "adapter"),
-                    out_dir=str(work / tag / "train"), lora=lora, train_params=tp)
+    # nothing here resets the allocator's peak before train(): train() records the run's own
+    # (RunPeak), which a reset by StepTimer cannot hide, and the driver-level peak beside it
+    try:
+        metrics = train(str(base_dir), str(train_jsonl), None, adapter_dir=str(work / tag / "adapter"),
+                        out_dir=str(work / tag / "train"), lora=lora, train_params=tp)
+    except Exception:
+        if history is not None:
+            history.finish("exception (e.g. out of memory) in the first step")
+        raise
     wall = time.time() - t0
     dts = [b - a for a, b in zip(timer.times, timer.times[1:])]
     steady = dts[args.warmup:] or dts
@@ -415,13 +516,22 @@ def child_train(args) -> dict:
     tps = tokens_per_step / s_per_step
     out = {
         "tag": tag, "shape": args.shape, "layers": cfg.num_hidden_layers, "backend": metrics["backend"],
-        "load_in_4bit": tp["load_in_4bit"], "seq": args.seq, "batch": args.batch, "accum": args.accum,
-        "checkpointing": args.checkpointing, "profiled": bool(args.profile),
+        "load_in_4bit": tp["load_in_4bit"], "seq": args.seq,
+        "batch": metrics["train"]["per_device_batch_size"], "accum": metrics["train"]["gradient_accumulation_steps"],
+        "checkpointing": metrics.get("gradient_checkpointing", args.checkpointing),
+        "checkpointing_requested": args.checkpointing, "auto_choice": metrics.get("auto_choice"),
+        "compile_warmup_s": metrics.get("compile_warmup_seconds"), "profiled": bool(args.profile),
         "assistant_only_loss": bool(tp.get("assistant_only_loss", True)),
         "loss_token_share": round(metrics["train_loss_tokens"] / metrics["train_tokens"], 4) if metrics.get("train_tokens") else None,
         "steps": metrics["steps"], "step_times_s": [round(x, 2) for x in dts], "s_per_step": round(s_per_step, 3),
         "tokens_per_step": round(tokens_per_step), "tokens_per_s": round(tps), "active_params": active,
         "mfu": round(6 * active * tps / PEAK_FLOPS, 4), "peak_gib": metrics["peak_gpu_memory_gib"],
+        # the run's true peaks (train()'s RunPeak: nothing resets them), step 1 included
+        **{k: metrics.get(k) for k in ("peak_gpu_reserved_gib", "peak_gpu_driver_gib", "gpu_driver_baseline_gib",
+                                       "peak_gpu_driver_step1_gib", "peak_gpu_driver_after_step1_gib")},
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "memhist": history.summary if history is not None else None,
+        "dynamo": dynamo_counters(),
         "steady_peak_gib": round(timer.steady_peak, 3) if timer.steady_peak else None,
         "losses": [float(x) for x in _losses(work / tag / "train" / "loss.csv")],
         "trainable": metrics["trainable_parameters"], "versions": metrics["versions"], "wall_s": round(wall, 1),
@@ -436,7 +546,7 @@ def child_train(args) -> dict:
     try:
         from loraforge.vram import estimate
 
-        plan = estimate(cfg.to_dict(), lora, tp, backend=metrics["backend"])
+        plan = estimate(cfg.to_dict(), lora, metrics["train"], backend=metrics["backend"])
         out["planned_gib"] = round(plan.total_gib, 2)
         out["plan"] = plan.as_dict()
     except ImportError:
@@ -509,6 +619,9 @@ def run_tag(args) -> str:
     ckpt = "" if args.checkpointing == "offload" else f"-ckpt{args.checkpointing}"
     moe = f"-moe_{os.environ['UNSLOTH_MOE_BACKEND']}" if os.environ.get("UNSLOTH_MOE_BACKEND") else ""
     prof = "-prof" if getattr(args, "profile", 0) else ""
+    prof += "-memhist" if getattr(args, "memhist", 0) else ""
+    prof += "-nowarmup" if getattr(args, "no_compile_warmup", 0) else ""
+    prof += os.environ.get("LF_RUN_TAG_EXTRA", "")  # env=NAME=VALUE flags of the run
     return (f"{args.shape}-{args.layers or 'all'}-{args.backend}-{'q4' if args.q4 else 'bf16'}-{args.seq}"
             f"-b{args.batch}x{args.accum}{ckpt}{moe}{prof}")
 
@@ -519,20 +632,64 @@ def run_child(argv: list[str], log, timeout: int, script: str | Path = __file__,
     res = Path(argv[argv.index("--result") + 1])
     res.unlink(missing_ok=True)
     t0 = time.time()
+    sampler = DriverSampler().start()
     try:
         p = subprocess.run([sys.executable, str(script), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, timeout=timeout, env={**os.environ, **(env or {})})
         output, rc = p.stdout, p.returncode
     except subprocess.TimeoutExpired as e:
         output, rc = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout) or "", "timeout"
+    sampled = sampler.stop()
     log.write(f"\n===== {' '.join(f'{k}={v}' for k, v in (env or {}).items())} {' '.join(argv)} rc={rc} "
               f"{time.time() - t0:.1f}s =====\n{output[-20000:]}\n")
     log.flush()
     if res.exists():
-        return json.loads(res.read_text())
-    tail = output[-3000:]
-    oom = "OutOfMemoryError" in output or "CUDA out of memory" in output
-    return {"error": "out of GPU memory" if oom else f"rc={rc}", "tail": tail}
+        out = json.loads(res.read_text())
+    else:
+        oom = "OutOfMemoryError" in output or "CUDA out of memory" in output
+        out = {"error": "out of GPU memory" if oom else f"rc={rc}", "tail": output[-3000:]}
+    if sampled is not None:  # the device's used memory over the child's life, seen from outside it
+        out["sampled_driver_peak_gib"] = round(sampled / 2**30, 2)
+    return out
+
+
+class DriverSampler:
+    """The GPU's used memory (NVML, device 0) sampled every 0.2 s in a thread of the parent, over a
+    child's whole life: a peak no code in the child can reset, out-of-memory runs included."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import threading
+
+        self.interval_s, self.peak, self.read = interval_s, None, None
+        self._stop, self._thread = threading.Event(), None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        except Exception:
+            pass
+
+    def start(self):
+        import threading
+
+        if self.read is not None:
+            self.peak = 0
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(self.read()))
+            self._stop.wait(self.interval_s)
+
+    def stop(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=2)
+        return self.peak
 
 
 def parse_run(spec: str) -> dict:
@@ -545,12 +702,19 @@ def parse_run(spec: str) -> dict:
     batch, accum = (parts[4].split("x") if len(parts) > 4 else ("2", "8"))
     run = {"shape": shape, "layers": int(layers) if layers else None, "backend": parts[1],
            "q4": parts[2] == "q4", "seq": int(parts[3]), "batch": int(batch), "accum": int(accum),
-           "checkpointing": "offload", "profile": 0, "env": {}}
+           "checkpointing": "offload", "profile": 0, "memhist": 0, "env": {}}
     for flag in parts[5:]:
-        if flag in ("offload", "on", "off"):
+        if flag in ("offload", "on", "off", "auto"):
             run["checkpointing"] = flag
         elif flag == "profile":
             run["profile"] = 1
+        elif flag == "memhist":
+            run["memhist"] = 1
+        elif flag == "nowarmup":
+            run["nowarmup"] = 1
+        elif flag.startswith("env="):  # env=NAME=VALUE: any environment variable for the child
+            name, _, value = flag[4:].partition("=")
+            run["env"][name] = value
         elif flag.startswith("moe="):
             run["env"]["UNSLOTH_MOE_BACKEND"] = flag[4:]
         else:
@@ -581,25 +745,30 @@ CHECKPOINTING_LABEL = {"on": " ckpt on GPU", "off": " no ckpt"}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| run | backend | 4-bit | seq | batch | s/step | tokens/s | MFU | peak GiB | steady GiB | plan GiB | "
-            "plan err | losses |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| run | backend | 4-bit | seq | batch | s/step | tokens/s | MFU | peak GiB (torch, whole run) | steady GiB | "
+            "driver peak GiB | step 1 / later (driver) | sampled outside | plan GiB | plan err (driver) | losses |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         if "error" in r:
             err = "out of GPU memory" if "out of memory" in r["error"] else r["error"][:40]
-            lines.append(f"| {r.get('tag', '?')} | {r.get('backend', '')} | | | | {err} | | | | | | | |")
+            lines.append(f"| {r.get('tag', '?')} | {r.get('backend', '')} | | | | {err} | | | | | | | "
+                         f"{gib(r.get('sampled_driver_peak_gib'))} | | | |")
             continue
         if "s_per_step" not in r:
             continue
         plan = r.get("planned_gib")
-        err = f"{(plan - r['peak_gib']) / r['peak_gib']:+.0%}" if plan and r.get("peak_gib") else ""
+        truth = r.get("peak_gpu_driver_gib") or r.get("peak_gib")
+        err = f"{(plan - truth) / truth:+.0%}" if plan and truth else ""
         lines.append(
             f"| {r['shape']}-{r['layers']}L | {r['backend']} | {r['load_in_4bit']} | {r['seq']} | {r['batch']}x{r['accum']}"
             f"{CHECKPOINTING_LABEL.get(r.get('checkpointing'), '')}"
             f"{' moe ' + r['env']['UNSLOTH_MOE_BACKEND'] if r.get('env', {}).get('UNSLOTH_MOE_BACKEND') else ''}"
             f"{' (+1 profiled step)' if r.get('profiled') else ''} | "
             f"{r['s_per_step']:.2f} | {r['tokens_per_s']:,} | {r['mfu']:.1%} | {gib(r['peak_gib'])} | "
-            f"{gib(r['steady_peak_gib'])} | {gib(plan)} | {err} | {' '.join(f'{x:.3f}' for x in r['losses'][:6])} |")
+            f"{gib(r['steady_peak_gib'])} | {gib(r.get('peak_gpu_driver_gib'))} | "
+            f"{gib(r.get('peak_gpu_driver_step1_gib'))} / {gib(r.get('peak_gpu_driver_after_step1_gib'))} | "
+            f"{gib(r.get('sampled_driver_peak_gib'))} | {gib(plan)} | {err} | {' '.join(f'{x:.3f}' for x in r['losses'][:6])} |")
     return "\n".join(lines)
 
 
@@ -666,10 +835,13 @@ def main():
     ap.add_argument("--seq", type=int)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accum", type=int, default=8)
-    ap.add_argument("--checkpointing", default="offload", choices=["offload", "on", "off"])
+    ap.add_argument("--checkpointing", default="offload", choices=["offload", "on", "off", "auto"])
     ap.add_argument("--probe", type=int, default=0)
     ap.add_argument("--profile", type=int, nargs="?", const=1, default=0,
                     help="torch.profiler over each train run's last step (also the run flag `profile`)")
+    ap.add_argument("--no-compile-warmup", type=int, default=0, help="(also the run flag `nowarmup`)")
+    ap.add_argument("--memhist", type=int, default=0,
+                    help="memory history over step 1, grouped at its peak (also the run flag `memhist`)")
     ap.add_argument("--report", metavar="JSONL", help="only print the table of an earlier run's results")
     args = ap.parse_args()
 
@@ -701,7 +873,7 @@ def main():
     runs = [parse_run(r) for r in args.runs.split(",") if r]
     if args.merge_check:
         runs.insert(0, {"shape": "30b", "layers": 4, "backend": "unsloth", "q4": False, "seq": 2048, "batch": 2,
-                        "accum": 4, "probe": 1, "checkpointing": "offload", "profile": 0, "env": {}})
+                        "accum": 4, "probe": 1, "checkpointing": "offload", "profile": 0, "memhist": 0, "env": {}})
     rows, built = [], set()
     for run in runs:
         key = (run["shape"], run["layers"])
@@ -715,8 +887,11 @@ def main():
         argv = ["--child", "train", "--shape", run["shape"], *layers, "--backend", run["backend"],
                 "--q4", str(int(run["q4"])), "--seq", str(run["seq"]), "--batch", str(run["batch"]),
                 "--accum", str(run["accum"]), "--checkpointing", run["checkpointing"], "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--probe", str(run.get("probe", 0)), "--profile", str(int(run["profile"] or args.profile)), *common]
-        r = run_child(argv, log, args.timeout, env=run["env"])
+                "--probe", str(run.get("probe", 0)), "--profile", str(int(run["profile"] or args.profile)),
+                "--memhist", str(int(run["memhist"] or args.memhist)),
+                "--no-compile-warmup", str(int(run.get("nowarmup", 0))), *common]
+        extra = "".join(f"-{k}={v}" for k, v in run["env"].items() if k != "UNSLOTH_MOE_BACKEND")
+        r = run_child(argv, log, args.timeout, env={**run["env"], "LF_RUN_TAG_EXTRA": extra})
         if "tag" not in r:
             r["tag"] = str(run)
         if r.get("env") is None and run["env"]:
@@ -725,7 +900,11 @@ def main():
         prof = r.get("profile")
         if isinstance(prof, dict) and prof.get("table_file") and Path(prof["table_file"]).exists():
             shutil.copy2(prof["table_file"], out / f"profile-{r['tag']}.txt")  # small text: comes back with OUT
-        print("train", json.dumps({k: v for k, v in r.items() if k not in ("plan", "traceback", "profile")}), flush=True)
+        print("train", json.dumps({k: v for k, v in r.items() if k not in ("plan", "traceback", "profile", "memhist")}),
+              flush=True)
+        mh = Path(args.work) / r.get("tag", "?") / "memhist.txt"
+        if mh.exists():
+            shutil.copy2(mh, out / f"memhist-{r['tag']}.txt")
         if isinstance(prof, dict):
             print("profile", json.dumps({k: v for k, v in prof.items() if k not in ("top_kernels", "top_cpu_ops")}),
                   flush=True)

@@ -168,7 +168,9 @@ def train(
     process accumulates gradient_accumulation_steps / N micro-batches, so the effective batch stays
     per_device_batch_size x gradient_accumulation_steps; only rank 0 writes the adapter and the reports."""
     from loraforge import distributed
-    from loraforge.train_backends import import_unsloth_first, load_unsloth, resolve_backend, versions
+    from loraforge.train_backends import (
+        import_unsloth_first, load_unsloth, resolve_backend, versions, warm_up_compiled_layers,
+    )
 
     backend = resolve_backend(train_params.get("backend", "auto"))
     if backend == "unsloth":
@@ -180,6 +182,7 @@ def train(
     from trl import SFTConfig
 
     from loraforge import training_record
+    from loraforge.gpu_memory import RunPeak, step_marker
     from loraforge.lora_targets import check_target_modules
     from loraforge.tokenizer import load_tokenizer
     from loraforge.train_monitor import (
@@ -201,6 +204,11 @@ def train(
     if on_gpu and world > 1:
         torch.cuda.set_device(distributed.local_rank())  # this process's GPU, before anything lands on cuda:0
     checkpoints = out_dir / CHECKPOINTS_DIRNAME
+    requested_checkpointing = train_params.get("gradient_checkpointing", "offload")
+    train_params, auto_message = _resolve_auto(base_dir, lora, train_params, backend, on_gpu)
+    if auto_message:
+        log.info("%s", auto_message)
+        accumulation = distributed.per_process_accumulation(train_params, world)
     if world == 1:
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
@@ -218,6 +226,8 @@ def train(
     # Trainer seeds only after the model exists)
     set_seed(train_params["seed"])
     checkpointing_off = train_params.get("gradient_checkpointing", "offload") == "off"
+    # the run's true peak, model loading and the compiling first step included
+    run_peak = RunPeak().start() if on_gpu else None
     if backend == "unsloth":
         model = load_unsloth(base_dir, lora, train_params)
     else:
@@ -276,8 +286,14 @@ def train(
     trainer.add_callback(progress_callback())
     clock = StepClock()
     trainer.add_callback(clock.callback)
+    if run_peak is not None:
+        trainer.add_callback(step_marker(run_peak))
     counter = TokenCounter(trainer.data_collator, trainer.model)
     trainer.data_collator = counter
+    warmup_seconds = None
+    if backend == "unsloth" and on_gpu and train_params.get("compile_warmup", True):
+        # compile on a short batch, so step 1 does not peak at ~2x the steady memory (see there)
+        warmup_seconds = warm_up_compiled_layers(trainer, counter.collator)
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -288,7 +304,8 @@ def train(
         trainer.evaluate()  # appends the final eval_loss to log_history
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     eval_loss = evals[-1] if evals else None
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    gpu_peaks = run_peak.stop().as_metrics() if run_peak is not None else {}
+    peak_gpu = gpu_peaks.get("peak_gpu_memory_gib")
     # every process counted its own share; these collectives also wait for every rank to finish
     train_tokens = distributed.sum_over_processes(counter.tokens)
     loss_tokens = distributed.sum_over_processes(counter.loss_tokens)
@@ -324,6 +341,7 @@ def train(
         "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else None,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(steps, 1), 3),
+        "compile_warmup_seconds": round(warmup_seconds, 1) if warmup_seconds is not None else None,
         # after the first steps of this process (compilation, autotuning): what compares runs
         "seconds_per_step_steady": round(clock.steady_seconds_per_step(), 3) if clock.steady_seconds_per_step() else None,
         "train_tokens": train_tokens,
@@ -332,6 +350,8 @@ def train(
         "tokens_per_second": round(train_tokens / seconds, 1) if seconds > 0 else None,
         "peak_gpu_memory_gib": round(max(peaks_gpu), 3) if peak_gpu is not None else None,
         "peak_gpu_memory_gib_per_gpu": [round(p, 3) for p in peaks_gpu] if peak_gpu is not None else None,
+        # this process's GPU: reserved and driver-level (NVML) peaks, the first step's and the rest's
+        **{k: v for k, v in gpu_peaks.items() if k != "peak_gpu_memory_gib"},
         "processes": world,
         "gradient_accumulation_steps_per_process": accumulation,
         "trainable_parameters": trainable,
@@ -340,6 +360,8 @@ def train(
         "backend": backend,
         # train.gradient_checkpointing, and whether transformers' checkpointing was on while training
         "gradient_checkpointing": train_params.get("gradient_checkpointing", "offload"),
+        "gradient_checkpointing_requested": requested_checkpointing,
+        "auto_choice": auto_message,
         "checkpointing_active": counter.checkpointing,
         "versions": versions(backend),
         "verdict": status,
@@ -352,6 +374,20 @@ def train(
     os.replace(partial, adapter_dir)
     shutil.rmtree(checkpoints, ignore_errors=True)  # only once the adapter is in place
     return metrics
+
+
+def _resolve_auto(base_dir, lora: dict, train_params: dict, backend: str, on_gpu: bool) -> tuple[dict, str | None]:
+    """train.gradient_checkpointing: auto resolved for this process's GPU (see vram.choose_auto)."""
+    if train_params.get("gradient_checkpointing") != "auto":
+        return train_params, None
+    import torch
+
+    from loraforge.fileio import read_hf_config
+    from loraforge.vram import resolve_training
+
+    limit = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory) if on_gpu else None
+    return resolve_training(read_hf_config(base_dir), lora, train_params, backend, limit,
+                            "this GPU" if on_gpu else "no GPU: CPU training")
 
 
 def _write_loss_csv(history: list[dict], path: Path) -> None:

@@ -114,3 +114,53 @@ def load_unsloth(base_dir, lora: dict, train_params: dict):
         max_seq_length=train_params["max_seq_length"],
     )
     return model
+
+
+# Tokens of the warm-up batch: two packed samples of half this each (so the varlen attention path
+# compiles too); small enough that the compile-time trials below cost well under 1 GiB.
+COMPILE_WARMUP_TOKENS = 256
+
+
+def warm_up_compiled_layers(trainer, collator, tokens: int = COMPILE_WARMUP_TOKENS) -> float:
+    """One forward and backward on a short packed batch before training starts, on Unsloth's path;
+    returns its seconds.
+
+    Why: Unsloth compiles each decoder layer on its first call. When that call comes inside a
+    checkpointed forward (grad disabled), it first runs a grad-mode trial of the layer and throws
+    the output away (unsloth/models/_block_compile.py, "Grad-mode trial first"). Over the first
+    forward of step 1 those trials' activations are all alive at once (memory history of the
+    30B-A3B's step 1: every layer's routed rows, grouped-GEMM outputs and attention outputs, one
+    block per layer), so step 1 peaks near the no-checkpointing footprint: ~2x the steady peak,
+    out of memory on an 80 GB GPU at 2 x 8192 tokens. The layers are compiled with a dynamic
+    sequence length, so compiling them on a 256-token batch serves the real batches unchanged, and
+    the trials then cost what 256 tokens cost. The gradients are discarded; the optimizer does not
+    exist yet, and no RNG the training uses is consumed (Unsloth forks it for the trials)."""
+    import time
+
+    import torch
+
+    started = time.time()
+    rows = [trainer.train_dataset[i] for i in range(min(2, len(trainer.train_dataset)))]
+    per_row = max(tokens // max(len(rows), 1), 8)
+    length = len(rows[0]["input_ids"])
+    examples = []
+    for row in rows:
+        # cut every per-token field; the packed rows' seq_lengths no longer apply to a cut row
+        ex = {k: (v[:per_row] if isinstance(v, list) and len(v) == len(row["input_ids"]) else v)
+              for k, v in row.items() if k != "seq_lengths"}
+        examples.append(ex)
+    model = trainer.model
+    was_training = model.training
+    model.train()
+    batch = trainer._prepare_inputs(collator(examples))
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    del loss, batch
+    model.train(was_training)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    log.info("compiled the layers on a %d-token warm-up batch (rows of %d cut to %d tokens) in %.1f s",
+             per_row * len(rows), length, per_row, time.time() - started)
+    return time.time() - started

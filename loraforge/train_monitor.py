@@ -30,7 +30,7 @@ KEEP_CHECKPOINTS = 2  # train.keep_checkpoints default
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
 # Settings that do not change what is trained (when a checkpoint is taken, how often eval runs,
 # how many are kept, where the checkpointed activations live).
-NOT_FINGERPRINTED = ("save_steps", "eval_steps", "keep_checkpoints", "gradient_checkpointing")
+NOT_FINGERPRINTED = ("save_steps", "eval_steps", "keep_checkpoints", "gradient_checkpointing", "compile_warmup")
 # Settings that do not change what the adapter is, so changing them never retrains: the above, and
 # train.gpus (the same effective batch, learning-rate schedule and number of optimizer steps on any
 # number of GPUs: each optimizer step averages the gradient over the same number of samples; only

@@ -36,10 +36,13 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 * (1 + 4 / 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 LORA_STATE_BYTES = 16  # fp32 weight + grad + Adam exp_avg + exp_avg_sq
-# Unsloth on a MoE: fitted, not read from its code. Its 30B-A3B runs at two sequence lengths put the
-# intercept 3.4 GiB under weights + 16 bytes x 642.5 M trainable parameters; 12 bytes (as bf16
-# LoRA weights and gradients with fp32 Adam moments would take) fits all six within 5%.
-UNSLOTH_MOE_LORA_STATE_BYTES = 12
+# Unsloth on a MoE: fitted, not read from its code. Its 30B-A3B shape at two depths on the H100
+# (12 and 48 layers, 2 x 8192, offloaded checkpoints, bench/h100) puts the steady allocator peak at
+# weights + activations + 4.7 bytes per trainable parameter (its LoRA state) + a fixed 3 bf16
+# copies of one layer's full expert stack (Unsloth dequantizes a layer's whole NF4 stack for each
+# grouped GEMM, forward and recompute: UNSLOTH_MOE_DEQUANT_STACKS); both depths within 0.3%.
+UNSLOTH_MOE_LORA_STATE_BYTES = 4.7
+UNSLOTH_MOE_DEQUANT_STACKS = 3.0
 DDP_BUCKET_BYTES = 4  # DistributedDataParallel's fp32 gradient buckets (a copy of the gradients)
 # Activation bytes per micro-batch token: (x layers x hidden, x vocabulary), by (backend, MoE).
 # Fitted to the H200 runs (bench/h200, so a fit, not a model). Unsloth's from its runs at seq 4096
@@ -78,6 +81,12 @@ MEASURED_TRL_NO_CHECKPOINT_MICRO_TOKENS = 8192
 # sequence lengths put the intercept (tokens -> 0) at weights + LoRA state (3B -0.15, 8B +0.05 GiB):
 # no room for a separate term there.
 FIXED_BYTES = {"trl": 0.75 * GIB, "unsloth": 0.0}
+# What the driver holds beyond the allocator's peak (the figure the plan is judged against: NVML's
+# used memory): the CUDA context and cuBLAS/NCCL handles (0.71 GiB before loading on the H100) and
+# the caching allocator's reserve over what is allocated. Fitted to the H100 runs: driver - allocator
+# peak was 1.0-1.6 GiB (3B 1.03, 8B 1.04, 30B-A3B 1.33-1.61).
+DRIVER_OVERHEAD_BYTES = 1.0 * GIB
+ALLOCATOR_RESERVE = 0.025
 DENSE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -99,9 +108,20 @@ class VramPlan:
     checkpointing: str = "offload"
 
     @property
-    def total(self) -> float:
-        """Bytes on each GPU."""
+    def allocated(self) -> float:
+        """The allocator's peak (torch.cuda.max_memory_allocated over the whole run)."""
         return self.weights + self.lora_state + self.activations + self.fixed + self.ddp_buckets
+
+    @property
+    def driver(self) -> float:
+        """CUDA context and the allocator's reserve: what the driver sees beyond `allocated`."""
+        return DRIVER_OVERHEAD_BYTES + ALLOCATOR_RESERVE * self.allocated
+
+    @property
+    def total(self) -> float:
+        """Bytes on each GPU as the driver sees them (NVML used memory): the figure to hold
+        against the card."""
+        return self.allocated + self.driver
 
     @property
     def total_gib(self) -> float:
@@ -109,13 +129,15 @@ class VramPlan:
 
     def as_dict(self) -> dict:
         d = {k: (round(v / GIB, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-        return {**d, "total_gib": round(self.total_gib, 2)}
+        return {**d, "allocated_gib": round(self.allocated / GIB, 2), "driver_gib": round(self.driver / GIB, 2),
+                "total_gib": round(self.total_gib, 2)}
 
     def describe(self) -> str:
         ddp = f" + DDP buckets {self.ddp_buckets / GIB:.1f}" if self.gpus > 1 else ""
         where = f"; per GPU, on each of {self.gpus} GPUs" if self.gpus > 1 else ""
         return (f"{self.total_gib:.1f} GiB = weights {self.weights / GIB:.1f} + LoRA state {self.lora_state / GIB:.1f} "
                 f"+ activations {self.activations / GIB:.1f} + fixed {self.fixed / GIB:.1f}{ddp} "
+                f"+ CUDA context and allocator reserve {self.driver / GIB:.1f} "
                 f"({self.backend}, {self.checkpointing_words}{where})")
 
     @property
@@ -197,8 +219,17 @@ def estimate(cfg: dict, lora: dict, train: dict, backend: str) -> VramPlan:
     activations = tokens * (per_layer * s["layers"] + per_vocab * s["vocab"])
     gpus = int(train.get("gpus", 1))
     ddp_buckets = trainable * DDP_BUCKET_BYTES if gpus > 1 else 0
-    state_bytes = UNSLOTH_MOE_LORA_STATE_BYTES if backend == "unsloth" and s["experts"] else LORA_STATE_BYTES
-    return VramPlan(float(weights), float(trainable * state_bytes), float(activations), float(FIXED_BYTES[backend]),
+    unsloth_moe = backend == "unsloth" and bool(s["experts"])
+    state_bytes = UNSLOTH_MOE_LORA_STATE_BYTES if unsloth_moe else LORA_STATE_BYTES
+    fixed = FIXED_BYTES[backend]
+    if unsloth_moe and q4:
+        fixed += UNSLOTH_MOE_DEQUANT_STACKS * 2 * s["experts"] * 3 * s["moe_inter"] * s["hidden"]
+    if unsloth_moe and checkpointing != "off" and not train.get("compile_warmup", True):
+        # without the compile warm-up, step 1 keeps every layer's activations while Unsloth
+        # compiles (bench/h100: 24.4 against 12.0 GiB steady on 12 layers; out of memory on 48 at
+        # 2 x 8192): planned as the no-checkpointing footprint
+        return estimate(cfg, lora, {**train, "gradient_checkpointing": "off", "compile_warmup": True}, backend)
+    return VramPlan(float(weights), float(trainable * state_bytes), float(activations), float(fixed),
                     trainable, backend, bool(s["experts"]), float(ddp_buckets), gpus, checkpointing)
 
 
@@ -239,6 +270,66 @@ def alternatives(cfg: dict, lora: dict, train: dict, backend: str, limit: float)
     return fits
 
 
+# gradient_checkpointing: auto keeps this share of the GPU's memory free: the plan's error against
+# the driver-level peak (within 10% on the runs measured, bench/h100) with room to spare.
+AUTO_MARGIN = 0.08
+# Fastest first (bench/h200, bench/h100): no checkpointing, then checkpoints kept on the GPU, then
+# offloaded to CPU memory; within each, the larger micro-batch.
+CHECKPOINTING_SPEED_ORDER = ("off", "on", "offload")
+
+
+@dataclass
+class AutoChoice:
+    train: dict  # the train settings with gradient_checkpointing and the micro-batch resolved
+    plan: VramPlan | None
+    message: str
+
+
+def auto_candidates(train: dict, backend: str) -> list[tuple[str, int, int]]:
+    """(gradient_checkpointing, per_device_batch_size, gradient_accumulation_steps), fastest first.
+    The effective batch (micro-batch x accumulation) stays as configured; micro-batches larger
+    than the configured one are not tried (beyond what was measured), and with train.gpus the
+    accumulation must divide over the processes."""
+    micro, accum = int(train["per_device_batch_size"]), int(train["gradient_accumulation_steps"])
+    effective, gpus = micro * accum, int(train.get("gpus", 1))
+    micros = [m for m in range(micro, 0, -1) if effective % m == 0 and (effective // m) % gpus == 0]
+    # TRL keeps checkpoints on the GPU with offload as with on: one value covers both
+    modes = CHECKPOINTING_SPEED_ORDER if backend == "unsloth" else ("off", "on")
+    return [(mode, m, effective // m) for mode in modes for m in micros]
+
+
+def _setting_words(mode: str, micro: int, accum: int) -> str:
+    return f"{mode}, micro-batch {micro} x {accum}"
+
+
+def choose_auto(cfg: dict, lora: dict, train: dict, backend: str, limit: int | None,
+                source: str = "the GPU", margin: float = AUTO_MARGIN) -> AutoChoice:
+    """Resolve gradient_checkpointing: auto: the fastest candidate whose plan fits `limit` bytes
+    less `margin`. Without a GPU size (CPU training) the configured micro-batch with offload (TRL:
+    checkpoints on, as the default). Raises VramError naming what to change when nothing fits."""
+    if limit is None:
+        resolved = {**train, "gradient_checkpointing": "offload"}
+        return AutoChoice(resolved, None, f"gradient_checkpointing auto: offload (no GPU memory known: {source})")
+    budget = limit * (1 - margin)
+    skipped = []
+    for mode, micro, accum in auto_candidates(train, backend):
+        resolved = {**train, "gradient_checkpointing": mode, "per_device_batch_size": micro,
+                    "gradient_accumulation_steps": accum}
+        plan = estimate(cfg, lora, resolved, backend)
+        if plan.total <= budget:
+            why = (f"; faster settings planned over it: {', '.join(skipped)}" if skipped else "; the fastest setting")
+            return AutoChoice(resolved, plan, (
+                f"gradient_checkpointing auto: {_setting_words(mode, micro, accum)} (plan {plan.total_gib:.1f} GiB "
+                f"<= {budget / GIB:.1f} GiB = {limit / GIB:.1f} GiB of {source} less {margin:.0%} margin){why}"))
+        skipped.append(f"{mode} {micro} x {accum} ({plan.total_gib:.1f} GiB)")
+    fits = alternatives(cfg, lora, {**train, "gradient_checkpointing": "offload", "per_device_batch_size": 1,
+                                    "gradient_accumulation_steps": int(train["per_device_batch_size"])
+                                    * int(train["gradient_accumulation_steps"])}, backend, budget)
+    hint = ("; would fit with " + "; or ".join(fits)) if fits else "; nothing tried fits: use a larger GPU"
+    raise VramError(f"gradient_checkpointing auto: no setting fits {budget / GIB:.1f} GiB ({limit / GIB:.1f} GiB of "
+                    f"{source} less {margin:.0%} margin); the lightest, {skipped[-1]}, does not{hint}")
+
+
 def visible_gpu_memory(gpus: int = 1) -> int | None:
     """The memory of the smallest of the first `gpus` visible GPUs (each holds a replica), or None."""
     try:
@@ -272,7 +363,13 @@ def _hf_config(config: dict, key: str, results_dir: str) -> dict:
 
 
 def plan_training(config: dict, models: list[str], results_dir: str = "results") -> list[tuple[str, VramPlan | None, str]]:
-    """(model, plan, backend note) for each model that trains; plan None when its shape is unknown."""
+    """(model, plan, backend note) for each model that trains; plan None when its shape is unknown.
+    gradient_checkpointing: auto is planned as it will resolve (see resolve_training)."""
+    return [(key, plan, backend) for key, plan, backend, _ in _plans(config, models, results_dir)]
+
+
+def _plans(config: dict, models: list[str], results_dir: str):
+    """(model, plan, backend, auto choice or None) for each model that trains."""
     from loraforge.config import model_settings
     from loraforge.train_backends import BackendError, resolve_backend
 
@@ -281,7 +378,7 @@ def plan_training(config: dict, models: list[str], results_dir: str = "results")
         try:
             s = model_settings(config, key)
         except (KeyError, TypeError):  # a config without lora-forge's defaults (not validated)
-            out.append((key, None, "unknown"))
+            out.append((key, None, "unknown", None))
             continue
         try:
             backend = resolve_backend(s["train"].get("backend", "auto"))
@@ -289,10 +386,25 @@ def plan_training(config: dict, models: list[str], results_dir: str = "results")
             backend = "unsloth"  # planned as requested; the training job itself refuses if it cannot run
         cfg = _hf_config(config, key, results_dir)
         if not cfg or "hidden_size" not in cfg:
-            out.append((key, None, backend))
+            out.append((key, None, backend, None))
             continue
-        out.append((key, estimate(cfg, s["lora"], s["train"], backend), backend))
+        train, choice = s["train"], None
+        if train.get("gradient_checkpointing") == "auto":
+            limit, source = gpu_memory_limit(config, int(train.get("gpus", 1)))
+            choice = choose_auto(cfg, s["lora"], train, backend, limit, source)
+            train = choice.train
+        out.append((key, estimate(cfg, s["lora"], train, backend), backend, choice))
     return out
+
+
+def resolve_training(cfg: dict, lora: dict, train: dict, backend: str, limit: int | None,
+                     source: str = "the visible GPU") -> tuple[dict, str | None]:
+    """The train settings a job runs with: gradient_checkpointing: auto (and its micro-batch)
+    resolved for `limit` bytes of GPU memory; other settings as they are. (settings, message)."""
+    if train.get("gradient_checkpointing") != "auto":
+        return train, None
+    choice = choose_auto(cfg, lora, train, backend, limit, source)
+    return choice.train, choice.message
 
 
 # The largest micro-batch (tokens) measured on Unsloth's MoE path: 2 x 8192 peaked at 25.7 GiB on
@@ -320,14 +432,17 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
 
     if not models:
         return
-    for key, plan, backend in plan_training(config, models, results_dir):
+    for key, plan, backend, choice in _plans(config, models, results_dir):
         if plan is None:
             say(f"VRAM plan of {key}: unknown (no train settings, or no config.json or arch: for its base)")
             continue
         limit, source = gpu_memory_limit(config, plan.gpus)
+        if choice is not None:
+            say(f"{key}: {choice.message}")
         say(f"VRAM plan of {key}: {plan.describe()}")
         settings = model_settings(config, key)
-        train = settings["train"]
+        train = choice.train if choice is not None else settings["train"]
+        settings = {**settings, "train": train}
         micro_tokens = train["per_device_batch_size"] * train["max_seq_length"]
         if backend == "unsloth" and plan.moe and micro_tokens > MEASURED_MOE_MICRO_TOKENS:
             say(f"warning: {key}: a micro-batch of {micro_tokens} tokens is beyond what was measured for Unsloth's "
@@ -342,7 +457,8 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
             continue
         cfg = _hf_config(config, key, results_dir)
         if plan.total <= limit:
-            _note_faster_fit(cfg, settings, backend, limit, source, key, say)
+            if choice is None:  # auto already took the fastest setting that fits
+                _note_faster_fit(cfg, settings, backend, limit, source, key, say)
             continue
         fits = alternatives(cfg, settings["lora"], train, backend, limit)
         hint = ("; would fit with models." + key + ".train " + "; or ".join(fits)) if fits else "; nothing tried fits: use a larger GPU"
