@@ -263,7 +263,8 @@ def train(
         logging_first_step=True,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        save_total_limit=train_params.get("keep_checkpoints", KEEP_CHECKPOINTS),
+        # "auto" is resolved by the rule script (the joint disk decision); called directly, the default
+        save_total_limit=_int_or(train_params.get("keep_checkpoints"), KEEP_CHECKPOINTS),
         eval_strategy="steps" if eval_steps and eval_ds is not None else "no",
         eval_steps=eval_steps or None,
         report_to="none",
@@ -374,6 +375,10 @@ def train(
     os.replace(partial, adapter_dir)
     shutil.rmtree(checkpoints, ignore_errors=True)  # only once the adapter is in place
     return metrics
+
+
+def _int_or(value, default: int) -> int:
+    return int(value) if isinstance(value, int) or str(value).isdigit() else default
 
 
 def _resolve_auto(base_dir, lora: dict, train_params: dict, backend: str, on_gpu: bool) -> tuple[dict, str | None]:

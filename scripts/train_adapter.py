@@ -16,6 +16,7 @@ import os
 
 from loraforge import training_record
 from loraforge.config import model_settings
+from loraforge.plan.intermediate import resolve_keep_checkpoints
 from loraforge.rulelog import rule_logging
 from loraforge.train_launch import run_training
 
@@ -27,7 +28,9 @@ with rule_logging(snakemake):
         adapter_dir=snakemake.output.adapter,
         out_dir=os.path.dirname(snakemake.output.metrics),  # the folder of metrics, loss.csv, loss.png
         lora=dict(snakemake.params.lora),
-        train_params={**model_settings(snakemake.config, snakemake.wildcards.model)["train"], **snakemake.params.train},
+        train_params={**model_settings(snakemake.config, snakemake.wildcards.model)["train"], **snakemake.params.train,
+                      # auto: the joint disk decision (loraforge plan announces it)
+                      "keep_checkpoints": resolve_keep_checkpoints(snakemake.config, snakemake.wildcards.model)},
         # read from the config, not params: the record is for the adapter guard, not staleness
         record=training_record.current_settings(snakemake.config, snakemake.wildcards.model),
         threads=snakemake.threads,  # shared out among the train.gpus processes

@@ -1,6 +1,8 @@
-"""export.intermediate auto: F16 (quantize from 16-bit) when the model's export from F16 fits
-disk_quota, planned from config.yaml alone; else Q8_0 (requantize). Also what the DAG and
-`loraforge plan` make of it. The real runs with each intermediate are in test_workflow.py."""
+"""The joint disk decision of the auto settings (export.intermediate, export.merge_mode,
+train.keep_checkpoints), planned from config.yaml alone: F16 (quantize from 16-bit) before Q8_0,
+link before consume, two training checkpoints before one; the first combination whose chain fits
+disk_quota. Also what the DAG and `loraforge plan` make of it. The real runs with each
+intermediate are in test_workflow.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 
 from conftest import REPO, small_config, write_config
 from loraforge.plan import plan_steps
+from loraforge.plan import intermediate as I
 from loraforge.plan.intermediate import (
     candidate_intermediates,
     export_chain_steps,
@@ -26,36 +29,55 @@ def _config(**overrides):
     return validate(small_config(**overrides))
 
 
-def _f16_peak(cfg, model, merge_mode=None):
-    return plan_steps(export_chain_steps(cfg, model, "F16"), cfg, quota=cfg["disk_quota"], free=None,
+def _chain_peak(cfg, model, intermediate, merge_mode, keep):
+    c = I._with_settings(cfg, model, intermediate, merge_mode, keep)
+    return plan_steps(I.model_chain_steps(c, model, intermediate), c, quota=cfg["disk_quota"], free=None,
                       merge_mode=merge_mode, measure=False).peak
+
+
+def _peaks(cfg, model):
+    """Every candidate's planned peak, in the order the decision tries them."""
+    return {c: _chain_peak(cfg, model, *c) for c in I._candidates(cfg, model)}
 
 
 def test_auto_is_the_default_and_decides_each_model_by_the_quota():
     cfg = _config()
-    assert cfg["export"]["intermediate"] == "auto"
+    assert cfg["export"]["intermediate"] == "auto" and cfg["defaults"]["train"]["keep_checkpoints"] == "auto"
     tiny, big = resolve_intermediate(cfg, "tiny"), resolve_intermediate(cfg, "30b")
-    assert tiny.ftype == "F16" and "within disk_quota" in tiny.reason
-    # the article's 30B: base 57 GB + merged + a 57 GB F16 GGUF is far over its 95 GB
-    assert big.ftype == "Q8_0" and "over disk_quota" in big.reason and big.peak_16bit > 95e9
+    assert tiny.ftype == "F16" and "link merge, 2 training checkpoints" in tiny.reason and "within disk_quota" in tiny.reason
+    # the article's 30B under its 95 GB quota: F16 fits once the base is consumed and one training
+    # checkpoint is kept, under the article's measured 88 GB; the evaluation fits with nothing
+    big_choice = I.resolve_disk_settings(cfg, "30b")
+    assert (big_choice.intermediate, big_choice.merge_mode, big_choice.keep_checkpoints) == ("F16", "consume", 1)
+    assert big.ftype == "F16" and big.peak_16bit <= 88e9
+    assert "with the evaluation no combination fits" in big.reason
+    assert "F16 intermediate, consume merge, 2 training checkpoints" in big.reason  # tried, over the quota
+    assert I.resolve_keep_checkpoints(cfg, "30b") == 1 and I.resolve_keep_checkpoints(cfg, "tiny") == 2
     assert candidate_intermediates(cfg) == ("F16", "Q8_0") and fixed_intermediate(cfg) is None
-    # a quota that holds the 30B's F16 chain: auto quantizes it from 16-bit too
-    roomy = _config(disk_quota="2TB")
-    assert resolve_intermediate(roomy, "30b").ftype == "F16"
+    # a quota that holds everything: the first candidate
+    roomy = I.resolve_disk_settings(_config(disk_quota="2TB"), "30b")
+    assert (roomy.intermediate, roomy.merge_mode, roomy.keep_checkpoints) == ("F16", "link", 2)
+    # settings that are not auto are kept as they are
+    fixed = I.resolve_disk_settings(_config(export={"merge_mode": "link"}, defaults={"train": {"keep_checkpoints": 3}}), "30b")
+    assert (fixed.merge_mode, fixed.keep_checkpoints, fixed.fits) == ("link", 3, False)
 
 
-def test_the_boundary_is_the_planned_peak_of_the_f16_chain():
-    """Under the link peak, export.merge_mode auto consumes the built base: F16 still fits down
-    to the consume peak; one byte less and auto requantizes from Q8_0."""
+def test_the_boundary_is_the_first_candidate_that_fits():
+    """The decision takes the first candidate (in the order of what each costs) whose planned peak
+    fits: at each candidate's own peak as the quota, that candidate or an earlier one."""
     cfg = _config()
-    link, consume = _f16_peak(cfg, "tiny", "link"), _f16_peak(cfg, "tiny", "consume")
-    assert 10e6 < consume < link < 200e6  # base + merged + F16 + quants of a ~20 MB model
-    assert resolve_intermediate(_config(disk_quota=link), "tiny").ftype == "F16"
-    between = resolve_intermediate(_config(disk_quota=link - 1), "tiny")
-    assert between.ftype == "F16" and "consume merge" in between.reason
-    assert resolve_intermediate(_config(disk_quota=consume), "tiny").ftype == "F16"
-    below = resolve_intermediate(_config(disk_quota=consume - 1), "tiny")
-    assert below.ftype == "Q8_0" and "over disk_quota" in below.reason
+    peaks = _peaks(cfg, "tiny")
+    order = list(peaks)
+    assert order[0] == ("F16", "link", 2) and order[-1] == ("Q8_0", "consume", 1)
+    assert 10e6 < min(peaks.values()) < max(peaks.values()) < 200e6  # a ~20 MB model
+    for c, peak in peaks.items():
+        chosen = I.resolve_disk_settings(_config(disk_quota=peak), "tiny")
+        first = next(o for o in order if peaks[o] <= peak)
+        assert (chosen.intermediate, chosen.merge_mode, chosen.keep_checkpoints) == first
+    # under every candidate's peak, the export alone (the evaluation's own run is then refused)
+    tight = min(peaks.values()) - 1
+    alone = I.resolve_disk_settings(_config(disk_quota=tight), "tiny")
+    assert alone.fits and alone.peak <= tight and "with the evaluation no combination fits" in alone.reason
 
 
 def test_a_setting_or_a_kept_type_is_used_as_it_is():
@@ -80,7 +102,7 @@ def test_the_decision_ignores_what_is_on_disk(tmp_path, monkeypatch):
     """Cluster jobs read the Snakefile again mid-run (after a consume-mode merge used the base
     up, with results/ full of files): the intermediate must not change under them."""
     cfg = _config()
-    edge = _config(disk_quota=_f16_peak(cfg, "tiny", "consume"))
+    edge = _config(disk_quota=min(p for c, p in _peaks(cfg, "tiny").items() if c[0] == "F16"))
     monkeypatch.chdir(tmp_path)
     before = resolve_intermediate(edge, "tiny")
     from loraforge.plan import intermediate as I
@@ -135,6 +157,6 @@ def test_loraforge_plan_says_what_auto_chose(tmp_path):
 
     write_config(tmp_path, small_config())
     plan = plan_for_targets(REPO / "Snakefile", ["results/tiny/Q5_K_M.gguf"], workdir=tmp_path)
-    note = next(n for n in plan.notes if n.startswith("export.intermediate auto"))
-    assert "tiny F16" in note and "within disk_quota" in note
+    note = next(n for n in plan.notes if n.startswith("export.intermediate, export.merge_mode, train.keep_checkpoints auto"))
+    assert "tiny: F16 intermediate, link merge, 2 training checkpoints" in note and "within disk_quota" in note
     assert not any("requantized from Q8_0" in n for n in plan.notes)

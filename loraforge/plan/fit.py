@@ -10,6 +10,28 @@ from loraforge.plan.simulate import Planner
 from loraforge.sizes import human
 
 
+def config_forms(key: str, value: str) -> str:
+    """`key` set to `value` in the two forms the commands take: Snakemake's --config (a YAML
+    mapping, merged into config.yaml) and loraforge plan's --config (dotted keys)."""
+    *parents, leaf = key.split(".")
+    mapping = f"{leaf}: {value}"
+    for parent in reversed(parents[1:]):
+        mapping = f"{parent}: {{{mapping}}}"
+    return f"snakemake --config '{parents[0]}={{{mapping}}}'; loraforge plan --config {key}={value}"
+
+
+def misses(plan: Plan, quota: int | None, free: int | None) -> str:
+    """What a plan that does not fit misses: 'quota', 'free space', both, or '' when it fits."""
+    missed = []
+    if quota is not None and plan.peak > quota:
+        missed.append("quota")
+    if free is not None and plan.peak - plan.initial > free:
+        missed.append("free space")
+    if not plan.feasible:
+        missed.append("infeasible")
+    return ", ".join(missed)
+
+
 def fits(plan: Plan, quota: int | None, free: int | None) -> bool:
     if not plan.feasible:
         return False
@@ -27,15 +49,16 @@ def alternatives(plan: Plan, quota: int | None = None, free: int | None = None) 
         return []
     options = []  # (name, hint, transform)
     if P.merge_mode != "consume" and P.consumable:
-        options.append(("consume merge mode", "set export.merge_mode: consume (snakemake --config 'export={merge_mode: consume}', "
-                         "loraforge plan --config export.merge_mode=consume); base shards move into merged/ and the base's weights are used up",
+        options.append(("consume merge mode", "set export.merge_mode: consume (" + config_forms("export.merge_mode", "consume")
+                         + "); base shards move into merged/ and the base's weights are used up",
                          lambda p: p.replace(merge_mode="consume")))
     if any(t != "Q8_0" for t in P.intermediates().values()) and any("Q8_0" in L.gguf for L in P.layouts.values()):
-        options.append(("Q8_0 intermediate", "set export.intermediate: Q8_0 (snakemake --config 'export={intermediate: Q8_0}'): "
-                        "quantize from Q8_0 instead of F16/BF16",
+        options.append(("Q8_0 intermediate", "set export.intermediate: Q8_0 (" + config_forms("export.intermediate", "Q8_0")
+                        + "): quantize from Q8_0 instead of F16/BF16",
                         lambda p: p.with_intermediate("Q8_0")))
     if any(keep > 1 for _, keep in P.checkpoints.values()):
-        options.append(("one training checkpoint", "set train.keep_checkpoints: 1 (a rerun still resumes from the "
+        options.append(("one training checkpoint", "set defaults.train.keep_checkpoints: 1 ("
+                        + config_forms("defaults.train.keep_checkpoints", "1") + "; a rerun still resumes from the "
                         "latest checkpoint; two exist for a moment while the next is written)",
                         lambda p: p.replace(checkpoints={k: (one, 1) for k, (one, _) in p.checkpoints.items()})))
     one_quant = len(P.quant_steps()) > 1
@@ -87,9 +110,11 @@ def check(plan: Plan, quota_bytes: int | None = None, free_bytes: int | None = N
     if alts:
         lines.append("What would fit (re-planned):")
         width = max(len(a.name) for a in alts)
+        verdicts = {id(a): "fits" if a.fits else f"too big ({misses(a.plan, quota, free)})" for a in alts}
+        vwidth = max(len(v) for v in verdicts.values())
         for a in alts:
-            verdict = "fits    " if a.fits else "too big "
-            lines.append(f"  {verdict}{a.name:<{width}}  peak {human(a.peak)}" + (f"  ({a.note})" if a.note else ""))
+            lines.append(f"  {verdicts[id(a)]:<{vwidth}}  {a.name:<{width}}  peak {human(a.peak)}"
+                         + (f"  ({a.note})" if a.note else ""))
         good = [a for a in alts if a.fits]
         if good:
             best = min(good, key=lambda a: (a.name.count("+"), a.peak))

@@ -200,13 +200,17 @@ class Planner:
                 self._quantize_releasing(sim, s, L, src)
             else:
                 wrote = False
+                # training: keep + 1 checkpoints exist for a moment while the next is written; at the
+                # end the adapter is written beside the `keep` last ones, which go once it is in place
+                kept = [self.checkpoints[p] for p in s.outputs if p in self.checkpoints]
+                for one, keep in kept:
+                    sim.transient((keep + 1) * one, f"{keep + 1} checkpoints while training")
                 for p in s.outputs:
                     sim.add(p, self.size_of(s, p), "write")
                     wrote = True
-                for p in s.outputs:
-                    if p in self.checkpoints:
-                        one, keep = self.checkpoints[p]
-                        sim.transient((keep + 1) * one, f"{keep + 1} checkpoints while training (removed at the end)")
+                for one, keep in kept:
+                    sim.transient(keep * one, f"{keep} checkpoint{'s' if keep > 1 else ''} until the adapter is in place "
+                                              "(then removed)")
                 if self.comparison_quants and s.rule == "evaluate":
                     largest = max((self.sizes.get(p, 0) for p in s.inputs if p in quants), default=0)
                     sim.transient(largest, "evaluating: a quant made without the importance matrix, one at a time")

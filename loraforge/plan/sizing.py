@@ -205,7 +205,7 @@ def _training_checkpoints(steps: list[Step], config: Mapping, archs: Mapping, re
     """train_adapter's checkpoints (every train.save_steps, train.keep_checkpoints kept, deleted
     once the adapter is in place), by adapter path: for the 30B MoE (a ~4 GiB fp32 adapter) one
     checkpoint is ~11 GiB and three exist at once with the default keep of 2."""
-    from loraforge.train_monitor import KEEP_CHECKPOINTS
+    from loraforge.plan.intermediate import resolve_keep_checkpoints
 
     found = {}
     for s in steps:
@@ -215,8 +215,7 @@ def _training_checkpoints(steps: list[Step], config: Mapping, archs: Mapping, re
         adapter = next((p for p in s.outputs if os.path.basename(p) == "adapter"), None)
         if adapter:
             fp32 = S.lora_adapter_bytes(arch, _lora_rank(config, key), _targets_of(config, key, results_dir))
-            found[adapter] = (S.training_checkpoint_bytes(fp32),
-                              _train_setting(config, key, "keep_checkpoints", KEEP_CHECKPOINTS))
+            found[adapter] = (S.training_checkpoint_bytes(fp32), resolve_keep_checkpoints(config, key))
     return found
 
 
