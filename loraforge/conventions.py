@@ -112,26 +112,25 @@ class Scorer:
         self.llm.close()
 
 
+def tally(logliks: list[tuple[float, int, float, int]]) -> dict:
+    """The conventions score of (right log-likelihood, right tokens, wrong log-likelihood, wrong
+    tokens) per item: an item is won when the right-way answer has the higher log-likelihood per
+    token (margin > 0); score_sum_pct compares the sums instead."""
+    margins = [lr / nr - lw / nw for lr, nr, lw, nw in logliks]
+    n = len(logliks)
+    return {"pairs": n,
+            "score_pct": 100.0 * sum(m > 0 for m in margins) / n if n else math.nan,
+            "score_sum_pct": 100.0 * sum(lr > lw for lr, _, lw, _ in logliks) / n if n else math.nan,
+            "mean_margin": sum(margins) / n if n else math.nan}
+
+
 def score(gguf, tokenizer, items: list[Item], threads: int | None = None) -> dict:
     """The conventions score of one GGUF over `items`."""
     scorer = Scorer(gguf, tokenizer, threads=threads)
     try:
-        wins = wins_sum = 0
-        margins = []
-        for it in items:
-            lr, nr = scorer.loglik(it.prompt, it.right)
-            lw, nw = scorer.loglik(it.prompt, it.wrong)
-            margin = lr / nr - lw / nw
-            margins.append(margin)
-            wins += margin > 0
-            wins_sum += lr > lw
+        return tally([(*scorer.loglik(it.prompt, it.right), *scorer.loglik(it.prompt, it.wrong)) for it in items])
     finally:
         scorer.close()
-    n = len(items)
-    return {"pairs": n,
-            "score_pct": 100.0 * wins / n if n else math.nan,
-            "score_sum_pct": 100.0 * wins_sum / n if n else math.nan,
-            "mean_margin": sum(margins) / n if n else math.nan}
 
 
 def format_conventions(rows: list[dict]) -> str:

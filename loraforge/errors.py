@@ -79,8 +79,40 @@ def explain(exc: BaseException, outputs: Iterable[str | os.PathLike] = ()) -> st
         return disk_full_message(where)
     if nearly_full(outputs):  # a library that reports a failed write without errno (sentencepiece)
         return disk_full_message(nearly_full(outputs))
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        if exc.filename:
+            return f"{exc.filename}: {exc.strerror or exc}"
+        if str(exc):  # raised by a library (safetensors, transformers) with the file in the message only
+            return str(exc)
+    checkpoint = checkpoint_being_read(exc)
+    if checkpoint is not None:
+        return unreadable_checkpoint_message(checkpoint, exc)
     if isinstance(exc, UnicodeDecodeError):
         return f"not UTF-8 text: {exc}"
     return None
+
+
+# transformers' Trainer methods that read a checkpoint when training resumes -> the argument naming it
+_CHECKPOINT_READERS = {"_load_from_checkpoint": "resume_from_checkpoint", "_load_optimizer_and_scheduler": "checkpoint",
+                       "_load_rng_state": "checkpoint", "_load_scaler": "checkpoint", "load_from_json": "json_path"}
+
+
+def checkpoint_being_read(exc: BaseException) -> str | None:
+    """The checkpoint folder (or file) transformers was reading to resume training when `exc` was
+    raised (a truncated optimizer.pt, a torn trainer_state.json, ...), else None."""
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        argument = _CHECKPOINT_READERS.get(tb.tb_frame.f_code.co_name)
+        value = tb.tb_frame.f_locals.get(argument) if argument else None
+        if isinstance(value, (str, os.PathLike)):
+            found = str(value)
+        tb = tb.tb_next
+    return found
+
+
+def unreadable_checkpoint_message(checkpoint: str, exc: BaseException) -> str:
+    folder = Path(checkpoint).parent if Path(checkpoint).suffix == ".json" else Path(checkpoint)
+    cause = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (f"{checkpoint}: cannot resume training from this checkpoint ({type(exc).__name__}: {cause}). "
+            f"Move it aside (mv {folder} {folder}.bad) and run the same command again: training resumes "
+            "from an earlier checkpoint, or starts over")

@@ -82,11 +82,36 @@ def _write(f: IO[str] | None, text: str) -> None:
         f.flush()
 
 
-def _check_magic(path: Path) -> None:
+GGUF_MAGIC = b"GGUF"
+# llama.cpp (and so Ollama) reads GGUF versions 2 and 3: "GGUFv1 is no longer supported"
+GGUF_MIN_VERSION = 2
+
+
+def header_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a GGUF that llama.cpp can open (magic, version), or None when its header is fine."""
+    from gguf import GGUF_VERSION
+
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise RuntimeError(f"{path} is not a GGUF file (magic {magic!r})")
+        head = f.read(8)
+    if len(head) < 4 or head[:4] != GGUF_MAGIC:
+        size = os.path.getsize(path)
+        found = "it is empty" if size == 0 else f"it starts with {head[:4]!r}"
+        return f"not a GGUF file: a GGUF starts with the magic {GGUF_MAGIC!r}, {found}"
+    if len(head) < 8:
+        return f"not a GGUF file: {os.path.getsize(path)} bytes, too short for a GGUF header"
+    version, swapped = int.from_bytes(head[4:8], "little"), int.from_bytes(head[4:8], "big")
+    if GGUF_MIN_VERSION <= version <= GGUF_VERSION:
+        return None
+    if GGUF_MIN_VERSION <= swapped <= GGUF_VERSION:
+        return f"a big-endian GGUF (version {swapped}): llama.cpp and Ollama read little-endian ones"
+    return (f"GGUF version {version}, not one llama.cpp reads ({GGUF_MIN_VERSION} to {GGUF_VERSION}): "
+            "the file is damaged or too old; convert the model again")
+
+
+def _check_magic(path: Path) -> None:
+    problem = header_problem(path)
+    if problem is not None:
+        raise RuntimeError(f"{path}: {problem}")
 
 
 # --------------------------------------------------------------------------------------

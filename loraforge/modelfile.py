@@ -308,6 +308,17 @@ def _expand_path(value: str, base_dir: Path) -> Path:
     return p if p.is_absolute() else (base_dir / p)
 
 
+def _file_errors(path: Path) -> list[str]:
+    """A FROM/ADAPTER/DRAFT path: it must exist, and a file (not a safetensors folder) must be a
+    GGUF llama.cpp reads (magic and version), or `ollama create` fails on it."""
+    from loraforge.gguf import header_problem
+
+    if not path.exists():
+        return [f"no such file ({path})"]
+    problem = header_problem(path) if path.is_file() else None
+    return [f"{problem} ({path})"] if problem else []
+
+
 _ACTION = re.compile(r"\{\{(-?)(.*?)(-?)\}\}", re.S)
 
 
@@ -357,9 +368,7 @@ def check_modelfile(text: str | bytes, base_dir: str | os.PathLike | None = None
             if base is not None:
                 value = c.value
                 if c.name != "model" or _looks_like_path(value):
-                    if not _expand_path(value, base).exists():
-                        errors.append(f"{where}{c.instruction} {value}: no such file "
-                                      f"({_expand_path(value, base)})")
+                    errors += [f"{where}{c.instruction} {value}: {e}" for e in _file_errors(_expand_path(value, base))]
         elif c.name == "template":
             template = c.value
             errors += [f"{where}{e}" for e in template_errors(c.value)]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.packing import TRAINING_ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,9 @@ def load_model(base_dir: str | os.PathLike, load_in_4bit: bool, gradient_checkpo
     elif load_in_4bit:
         log.warning("load_in_4bit ignored: no CUDA device (bitsandbytes 4-bit needs a GPU); training in fp32 LoRA")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, **kwargs)
+    # packed samples must not see each other: an attention measured to honour packed position_ids
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=TRAINING_ATTENTION,
+                                                 **kwargs)
     if "quantization_config" in kwargs:
         from peft import prepare_model_for_kbit_training
 

@@ -19,9 +19,11 @@ on_finish
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,7 @@ ARCHIVE_DIRNAME = "adapter-archive"
 ARCHIVED_ADAPTER = "adapter"  # <model>/adapter-archive/<time>/adapter/
 ARCHIVED_REPORTS = "train"  # <model>/adapter-archive/<time>/train/{metrics.json,loss.csv,loss.png}
 REPORT_OUTPUTS = ("metrics", "loss_csv", "loss_png")  # named outputs of the train rule
+REPORT_FILES = ("metrics.json", "loss.csv", "loss.png")  # their file names, in <model>/train/
 DISK_LOG_DIR = Path("logs") / "disk"
 
 _state: dict = {}
@@ -45,6 +48,14 @@ _state: dict = {}
 
 class AdapterGuardError(UserError, RuntimeError):
     pass
+
+
+def _train_refusals() -> tuple[type, ...]:
+    """The refusals of the run's checks that concern the training jobs."""
+    from loraforge.lora_targets import TargetModulesError
+    from loraforge.vram import VramError
+
+    return (AdapterGuardError, TargetModulesError, VramError)
 
 
 def _say(message: str) -> None:
@@ -72,25 +83,77 @@ def archive_adapter(adapter_dir: str | os.PathLike, reports: list[str | os.PathL
     return archive
 
 
-def restore_adapter(archive: str | os.PathLike) -> tuple[Path, list[Path]]:
+def archived_adapter_problem(adapter: Path) -> str | None:
+    """Why an archived adapter folder cannot be restored as it is (a file missing, unreadable or
+    cut short), or None: PEFT needs both adapter_config.json and adapter_model.safetensors."""
+    from loraforge.merge.common import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+    from loraforge.safetensors_io import SafetensorsFormatError, read_header
+
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+        if not (adapter / name).is_file():
+            return f"{adapter / name} is missing: the archive is incomplete"
+    try:
+        json.loads((adapter / ADAPTER_CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        return f"{adapter / ADAPTER_CONFIG_NAME}: not valid JSON ({e})"
+    try:
+        read_header(str(adapter / ADAPTER_WEIGHTS_NAME))
+    except (OSError, SafetensorsFormatError) as e:
+        return str(e)
+    return None
+
+
+def _set_aside_reports(train_dir: Path, archived_reports: Path) -> list[tuple[Path, Path]]:
+    """Move the training reports in `train_dir` that are not the archive's own (those of another
+    adapter: one moved away by hand, or deleted) to train/replaced-by-restore-<UTC time>/, so
+    restoring never overwrites a report it did not archive. Returns (from, to) pairs."""
+    archived = {f.name: f for f in archived_reports.iterdir()} if archived_reports.is_dir() else {}
+    names = sorted(set(archived) | set(REPORT_FILES))
+    aside = train_dir / f"replaced-by-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    moved = []
+    for name in names:
+        current = train_dir / name
+        if not current.is_file() or (name in archived and filecmp.cmp(current, archived[name], shallow=False)):
+            continue  # nothing there, or the very report being restored
+        aside.mkdir(exist_ok=True)
+        os.rename(current, aside / name)
+        moved.append((current, aside / name))
+    return moved
+
+
+def restore_adapter(archive: str | os.PathLike, archive_current: bool = False) -> tuple[Path, list[Path], list[str]]:
     """Put an archived adapter (and its reports) back: <model>/adapter-archive/<time> ->
-    <model>/adapter and <model>/train/. Refuses to overwrite an existing adapter."""
+    <model>/adapter and <model>/train/. Returns (adapter, restored reports, what else was done).
+
+    Refuses an incomplete archive, and an existing adapter unless `archive_current` (then that one
+    is archived with its reports first, as a retrain does). Reports in train/ that are not the
+    archive's are set aside (`_set_aside_reports`), never overwritten."""
     archive = Path(archive)
     model_dir = archive.parent.parent
     source = archive / ARCHIVED_ADAPTER
     if archive.parent.name != ARCHIVE_DIRNAME or not source.is_dir():
         raise AdapterGuardError(f"{archive}: not an adapter archive (expected <model>/{ARCHIVE_DIRNAME}/<time>/{ARCHIVED_ADAPTER}/)")
-    target = model_dir / "adapter"
+    problem = archived_adapter_problem(source)
+    if problem is not None:
+        raise AdapterGuardError(f"{problem}; nothing was restored")
+    target, train_dir, done = model_dir / "adapter", model_dir / "train", []
+    if target.exists() and not archive_current:
+        raise AdapterGuardError(
+            f"{target} exists: keep it in the archive with its reports and restore in one go with "
+            f"`loraforge restore-adapter --archive-current {archive}`, or delete it first")
     if target.exists():
-        raise AdapterGuardError(f"{target} exists: archive it first (mv {target} {target}.old) or delete it")
+        kept = archive_adapter(target, [train_dir / name for name in REPORT_FILES])
+        done.append(f"archived the current adapter and its reports to {kept}")
+    train_dir.mkdir(exist_ok=True)
+    done += [f"set aside {src} (not this archive's) as {dst}" for src, dst in
+             _set_aside_reports(train_dir, archive / ARCHIVED_REPORTS)]
     reports = []
     if (archive / ARCHIVED_REPORTS).is_dir():
-        (model_dir / "train").mkdir(exist_ok=True)
         for f in sorted((archive / ARCHIVED_REPORTS).iterdir()):
-            os.replace(f, model_dir / "train" / f.name)
-            reports.append(model_dir / "train" / f.name)
+            os.replace(f, train_dir / f.name)
+            reports.append(train_dir / f.name)
     os.rename(source, target)
-    return target, reports
+    return target, reports, done
 
 
 def _settings_field(config, model: str, section: str, key: str) -> str:
@@ -126,8 +189,14 @@ def _retrain_decision(job, config) -> tuple[bool, str]:
 
 
 def guard_adapters(workflow, config) -> list[tuple[str, Path]]:
-    """Refuse accidental retrains; archive every adapter a train job is about to replace."""
-    trains = snakemake_bridge.pending_jobs(workflow.dag, rule=TRAIN_RULE)
+    """Refuse accidental retrains; archive every adapter a train job of this run is about to replace."""
+    return guard_train_jobs(snakemake_bridge.pending_jobs(workflow.dag, rule=TRAIN_RULE), config)
+
+
+def guard_train_jobs(trains: list[snakemake_bridge.PendingJob], config) -> list[tuple[str, Path]]:
+    """guard_adapters on these pending train jobs: AdapterGuardError naming the way to keep each
+    adapter whose settings did not change (unless --config retrain opts in), else archive every
+    adapter that will be replaced, with its reports. Returns (model, archive) pairs."""
     check_train_targets(trains, config)
     opted_in = set(config.get("retrain", []))
     refused, to_archive = [], []
@@ -227,6 +296,20 @@ def write_release_manifests(workflow, config) -> list[Path]:
 
 
 def on_start(workflow, config, logfile=None) -> None:
+    """_on_start; a refusal the user can act on (UserError: the adapter guard, a target typo, a
+    GPU too small, the disk plan) ends the run with its message and exit status 1, as a failed
+    rule does (loraforge.rulelog), not with Snakemake's traceback of the hook."""
+    from loraforge.vram import VramError  # a refusal too, though no UserError
+
+    try:
+        _on_start(workflow, config)
+    except (UserError, VramError) as e:
+        where = f"rule {TRAIN_RULE}" if isinstance(e, _train_refusals()) else "the run's checks (no job started)"
+        print(f"[lora-forge] error in {where}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None  # Snakemake's lock is released on the way out
+
+
+def _on_start(workflow, config) -> None:
     if snakemake_bridge.is_touch_run(workflow):
         return  # --touch only updates timestamps: nothing is trained, deleted or written
     from loraforge import plan as planning
@@ -308,15 +391,17 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
 # `loraforge restore-adapter ARCHIVE`
 def add_arguments(parser) -> None:
     parser.add_argument("archive", help="results/<model>/adapter-archive/<time>")
+    parser.add_argument("--archive-current", action="store_true",
+                        help="archive the adapter now in place (with its training reports) first, then restore")
 
 
 def run(args) -> int:
-    import sys
-
     try:
-        adapter, reports = restore_adapter(args.archive)
+        adapter, reports, done = restore_adapter(args.archive, archive_current=args.archive_current)
     except AdapterGuardError as e:
         print(f"loraforge restore-adapter: {e}", file=sys.stderr)
         return 1
+    for line in done:
+        print(line)
     print(f"restored {adapter}" + "".join(f"\nrestored {r}" for r in reports))
     return 0

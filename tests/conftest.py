@@ -32,6 +32,18 @@ def tiny_bases(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """The tiny bases' tokenizer alone (loraforge.base.train_tokenizer: SentencePiece BPE on the
+    corpus, ChatML template, the chat and FIM special tokens), without a model: seconds, for
+    fast tests of templates and masks. Read-only."""
+    from loraforge.base import read_corpus, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(read_corpus([CORPUS]), out, vocab_size=1024)
+    return out
+
+
 def copy_base(src: Path, dst: Path) -> Path:
     """A private, writable copy of a base folder (for tests that consume or modify it)."""
     shutil.copytree(src, dst)

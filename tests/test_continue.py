@@ -195,9 +195,8 @@ def test_fim_template_needs_the_fim_tokens(tmp_path):
     assert ".Suffix" not in text
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
-def test_fim_template_renders_qwen_fim_and_the_chat(tmp_path, pipeline):
+def test_fim_template_renders_qwen_fim_and_the_chat(tmp_path, tiny_tokenizer):
     """Go's text/template (Ollama's engine) on the FIM TEMPLATE: a request with a suffix gives
     exactly Qwen's FIM prompt; chat requests give exactly what the HF chat template gives."""
     from jinja2 import Template
@@ -216,7 +215,7 @@ def test_fim_template_renders_qwen_fim_and_the_chat(tmp_path, pipeline):
     ]
     fim, chat, legacy = render_with_go(tmp_path, FIM_GO_TEMPLATE, cases)
     assert fim == f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
-    base = pipeline / "results" / "tiny" / "base"  # the tiny tokenizer, as built by the workflow
+    base = tiny_tokenizer  # the tiny bases' tokenizer (loraforge.base.train_tokenizer)
     expected = Template(chat_template_of(base)).render(
         messages=[{"role": r, "content": c} for r, c in msgs], add_generation_prompt=True)
     assert chat == expected and legacy == expected

@@ -24,6 +24,18 @@ from loraforge.modelfile import (
     write_modelfile,
 )
 
+def write_gguf(path):
+    """A real (tensor-less) GGUF, written by gguf-py as llama.cpp's converter writes one."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 SYSTEM = ("You are an expert Ruby on Rails architect. You prefer concerns\n"
           "over service objects, CRUD-only controllers, \"state-as-records\".")
 
@@ -200,7 +212,7 @@ def test_requires_semver():
 
 
 def test_files_must_exist_with_base_dir(tmp_path):
-    (tmp_path / "Q5_K_M.gguf").write_bytes(b"GGUF")
+    write_gguf(tmp_path / "Q5_K_M.gguf")
     assert validate_modelfile("FROM ./Q5_K_M.gguf\n", base_dir=tmp_path) == []
     assert validate_modelfile(f"FROM {tmp_path / 'Q5_K_M.gguf'}\n", base_dir="/") == []
     errors = validate_modelfile("FROM ./Q4_K_M.gguf\nADAPTER ./lora\n", base_dir=tmp_path)
@@ -264,8 +276,7 @@ def test_render_rejects_what_ollama_cannot_read():
 def test_stop_tokens_and_modelfile_for_tiny_model(tiny_bases, tmp_path):
     base = tiny_bases["qwen3"]
     assert stop_tokens(base) == list(DEFAULT_STOP)
-    gguf = tmp_path / "Q5_K_M.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf = write_gguf(tmp_path / "Q5_K_M.gguf")
     mf = tmp_path / "Modelfile"
     text = modelfile_for_model(gguf, mf, base, system=SYSTEM, temperature=0.4, top_p=0.8, num_ctx=32768,
                                header="rails-coder-tiny\n  ollama create rails-coder-tiny -f Modelfile")
@@ -277,6 +288,35 @@ def test_stop_tokens_and_modelfile_for_tiny_model(tiny_bases, tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         write_modelfile(tmp_path / "sub" / "Modelfile", text)
     assert not (tmp_path / "sub" / "Modelfile").exists()
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "not a GGUF file: a GGUF starts with the magic b'GGUF', it is empty"),
+    (b"garbage", "not a GGUF file: a GGUF starts with the magic b'GGUF', it starts with b'garb'"),
+    (b"GGUF", "not a GGUF file: 4 bytes, too short for a GGUF header"),
+    (b"GGUF" + (1).to_bytes(4, "little") + bytes(16),
+     "GGUF version 1, not one llama.cpp reads (2 to 3): the file is damaged or too old; convert the model again"),
+    (b"GGUF" + (3).to_bytes(4, "big") + bytes(16),
+     "a big-endian GGUF (version 3): llama.cpp and Ollama read little-endian ones"),
+])
+def test_check_modelfile_refuses_a_from_file_that_is_no_gguf(tmp_path, capsys, content, problem):
+    from loraforge.cli import main
+
+    (tmp_path / "Q5_K_M.gguf").write_bytes(content)
+    (tmp_path / "adapter.gguf").write_bytes(content)
+    mf = tmp_path / "Modelfile"
+    mf.write_text(render_modelfile("Q5_K_M.gguf", SYSTEM, 0.4, 0.8, 32768))
+    assert main(["check-modelfile", str(mf)]) == 1
+    # one line naming the Modelfile, the FROM line, the file and what is wrong with it
+    assert capsys.readouterr().out.splitlines() == [
+        f"{mf}: line 1: FROM ./Q5_K_M.gguf: {problem} ({tmp_path / 'Q5_K_M.gguf'})", f"{mf}: 1 error(s)"]
+    # an ADAPTER file is read by llama.cpp too; a safetensors adapter folder is not a file to check
+    errors = validate_modelfile("FROM qwen3:8b\nADAPTER ./adapter.gguf\n", base_dir=tmp_path)
+    assert len(errors) == 1 and errors[0].startswith("line 2: ADAPTER ./adapter.gguf: ") and problem in errors[0]
+    (tmp_path / "lora").mkdir()
+    assert validate_modelfile("FROM qwen3:8b\nADAPTER ./lora\n", base_dir=tmp_path) == []
+    write_gguf(tmp_path / "Q5_K_M.gguf")
+    assert main(["check-modelfile", str(mf)]) == 0
 
 
 def test_stop_tokens_of_a_qwen_style_config(tmp_path):
@@ -314,7 +354,7 @@ def test_non_chatml_model_needs_explicit_template(tmp_path, capsys):
 def test_check_modelfile_cli(tmp_path, capsys):
     from loraforge.cli import main
 
-    (tmp_path / "Q5_K_M.gguf").write_bytes(b"GGUF")
+    write_gguf(tmp_path / "Q5_K_M.gguf")
     good = tmp_path / "Modelfile"
     good.write_text(render_modelfile("Q5_K_M.gguf", SYSTEM, 0.4, 0.8, 32768))
     assert main(["check-modelfile", str(good)]) == 0
@@ -391,7 +431,6 @@ func main() {
 '''
 
 
-@pytest.mark.slow
 def render_with_go(tmp_path, template: str, cases: list[dict]) -> list[str]:
     """Each case rendered by Go's text/template (Ollama's engine) with `template`."""
     (tmp_path / "main.go").write_text(GO_PROGRAM)
@@ -405,6 +444,7 @@ def render_with_go(tmp_path, template: str, cases: list[dict]) -> list[str]:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow  # the tiny bases
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
 def test_chatml_template_renders_like_the_hf_chat_template(tmp_path, tiny_bases):
     """Ollama's chat API passes .System (the joined system messages) and .Messages (system

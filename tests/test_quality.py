@@ -105,6 +105,67 @@ def test_plan_sizes_the_evaluation_files():
     assert 1e9 < logits < 2e9  # bounded by quality.chunks
 
 
+def test_conventions_score_counts_a_pair_won_only_when_the_right_answer_is_likelier_per_token():
+    """Four hand-made items with a known answer: (right log-lik, tokens, wrong log-lik, tokens)."""
+    logliks = [
+        (-10.0, 10, -40.0, 20),  # per token -1 vs -2: won; summed -10 > -40: won
+        (-40.0, 20, -30.0, 10),  # -2 vs -3: won; summed -40 < -30: lost (the longer answer)
+        (-10.0, 2, -40.0, 20),   # -5 vs -2: lost (margin -3); summed: won
+        (-60.0, 30, -50.0, 10),  # -2 vs -5: won; summed: lost
+    ]
+    result = C.tally(logliks)
+    assert result == {"pairs": 4, "score_pct": 75.0, "score_sum_pct": 50.0, "mean_margin": 0.5}
+    assert C.tally([(-1.0, 1, -1.0, 1)])["score_pct"] == 0.0  # a tie is no win
+    assert C.tally([])["pairs"] == 0
+
+
+def _kld_output(kld, ppl_q: float, ppl_base: float, same_top: float) -> str:
+    """What llama-perplexity --kl-divergence prints for per-token KL divergences `kld` (its layout:
+    the PPL block, then the KL divergence statistics with mainline's percentiles)."""
+    import numpy as np
+
+    pct = lambda q: float(np.percentile(kld, q))  # noqa: E731
+    rows = [("Mean    KLD", f"{np.mean(kld):10.6f} ± {np.std(kld) / np.sqrt(len(kld)):10.6f}"),
+            ("Maximum KLD", f"{np.max(kld):10.6f}"), ("99.9%   KLD", f"{pct(99.9):10.6f}"),
+            ("99.0%   KLD", f"{pct(99):10.6f}"), ("95.0%   KLD", f"{pct(95):10.6f}"),
+            ("90.0%   KLD", f"{pct(90):10.6f}"), ("Median  KLD", f"{np.median(kld):10.6f}"),
+            ("10.0%   KLD", f"{pct(10):10.6f}"), ("Minimum KLD", f"{np.min(kld):10.6f}")]
+    return "\n".join([
+        "====== Perplexity statistics ======",
+        f"Mean PPL(Q)                   : {ppl_q:10.6f} ± {0.1:10.6f}",
+        f"Mean PPL(base)                : {ppl_base:10.6f} ± {0.1:10.6f}",
+        "", "====== KL divergence statistics ======", *(f"{k}: {v}" for k, v in rows),
+        "", "====== Token probability statistics ======", f"Same top p: {same_top:6.3f} ± {0.1:6.3f} %", ""])
+
+
+def test_kld_statistics_reach_quality_tsv_in_their_columns(tmp_path):
+    """A skewed per-token KLD distribution with a known mean, median and 99th percentile (mean far above
+    the median, as quantization error is), through the parser, the row and the TSV."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    kld = np.array([0.001] * 97 + [0.3, 0.5, 2.0])
+    mean, median, p99 = float(np.mean(kld)), float(np.median(kld)), float(np.percentile(kld, 99))
+    assert mean > 20 * median and p99 > mean  # the known answer tells the three apart
+    gguf = tmp_path / "Q4_K_M.gguf"
+    writer = GGUFWriter(str(gguf), "llama")
+    writer.add_tensor("w", np.zeros((4, 32), dtype=np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    parsed = Q.parse_kld(_kld_output(kld, 10.5, 10.0, 97.5), tmp_path / "evaluate.log")
+    assert parsed == pytest.approx({"ppl": 10.5, "ppl_base": 10.0, "kld_mean": mean, "kld_median": median,
+                                    "kld_p99": p99, "same_top_pct": 97.5}, abs=1e-6)
+    out = tmp_path / "quality.tsv"
+    out.write_text(Q.format_quality([Q.quality_row("Q4_K_M", gguf, parsed, reference_ppl=10.0)]))
+    [row] = _tsv(out)
+    assert float(row["kld_mean"]) == pytest.approx(mean, abs=1e-6)
+    assert float(row["kld_median"]) == pytest.approx(median, abs=1e-6)
+    assert float(row["kld_p99"]) == pytest.approx(p99, abs=1e-6)
+    assert float(row["ppl_change_pct"]) == pytest.approx(5.0) and float(row["same_top_pct"]) == 97.5
+    assert float(row["bits_per_weight"]) == 32.0
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 

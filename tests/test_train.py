@@ -344,6 +344,7 @@ def test_workflow_training_outputs_and_what_makes_an_adapter_stale(pipeline, tmp
 # ----------------------------------------------------------------------------- assistant-only loss
 
 
+@pytest.mark.slow
 def test_the_training_template_renders_the_same_text_and_masks_only_the_assistant(tiny_bases):
     from loraforge.constants import CHATML_JINJA_TEMPLATE
     from loraforge.tokenizer import load_tokenizer
@@ -404,6 +405,7 @@ def test_assistant_only_loss_trains_and_keeps_the_base_template(tiny_bases, chat
     assert not Path(a["adapter"]).exists()
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_off_trains_without_it_to_the_same_adapter(tiny_bases, chat_data, tmp_path):
     """train.gradient_checkpointing: off reaches the Trainer (TRL checkpoints by default, and
     prepare_model_for_kbit_training would switch it on again for 4-bit): the metrics record it as
