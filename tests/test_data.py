@@ -85,7 +85,6 @@ BAD_LINES = [
     # (bad line, expected field or None, expected fragment)
     ('{"source": "gitlab", "messages": [', None, "invalid JSON"),
     ('["not", "an", "object"]', None, "must be a JSON object"),
-    ({"id": "b", "messages": msgs()}, "source", "missing"),
     ({"id": "b", "source": "  ", "messages": msgs()}, "source", "not a non-empty string"),
     ({"id": "b", "source": 7, "messages": msgs()}, "source", "not a non-empty string"),
     ({"id": "b", "source": "gitlab"}, "messages", "missing"),
@@ -406,9 +405,10 @@ def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path):
     (tok_dir / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     out = tmp_path / "out"
     smk = SimpleNamespace(
-        input=SimpleNamespace(samples=str(SHIPPED), tokenizer_dir=str(tok_dir)),
-        params=SimpleNamespace(max_source_share=0.2, contrastive_weight=2, validation_fraction=0.1, seed=0,
-                               validation_pairs=8),
+        input=SimpleNamespace(samples=[str(SHIPPED)], tokenizer_dir=str(tok_dir)),
+        params=SimpleNamespace(sources=[data.file_entry(SHIPPED)], max_source_share=0.2, contrastive_weight=2,
+                               validation_fraction=0.1, seed=0, validation_pairs=8, max_seq_length=64),
+        wildcards=SimpleNamespace(model="tiny"),
         output=SimpleNamespace(train=str(out / "train.jsonl"), validation=str(out / "validation.jsonl"),
                                summary=str(out / "summary.tsv")),
         log=[str(tmp_path / "prepare.log")],
