@@ -62,7 +62,8 @@ def load_samples(path, default_source: str | None = None) -> list[dict]:
     malformed message or turn, a role outside system/user/assistant, an empty answer, no answer
     at all, a non-string `id`/`source`/`pair`/`kind`, a duplicate `id`, and a `pair` id that is
     not shared by exactly two samples of the same source. A sample without `source` gets
-    `default_source` (default: the file's stem), one without `id` gets `"<file stem>:<line>"`.
+    `default_source` (default: the file's stem), one without `id` gets `"<file stem>:<line>"`
+    (`.2`, `.3`, ... appended for further samples that start on the same line of a JSON array).
     """
     path_str = str(path)
     samples: list[dict] = []
@@ -71,8 +72,9 @@ def load_samples(path, default_source: str | None = None) -> list[dict]:
     pair_source: dict[str, str] = {}
     stem = Path(path_str).stem
     for line_no, obj in read_chat_samples(path_str, default_source):
-        if obj.get("id") is None:
-            obj["id"] = f"{stem}:{line_no}"
+        if obj.get("id") is None:  # <stem>:<line>, and .2, .3, ... for more samples on one line (a JSON array)
+            obj["id"] = next(i for k in range(1, len(seen_ids) + 2)
+                             if (i := f"{stem}:{line_no}" + (f".{k}" if k > 1 else "")) not in seen_ids)
         sample_id = obj["id"]
         if sample_id in seen_ids:
             raise field_error(

@@ -11,9 +11,8 @@ rule fetch_dataset:
     retries: 2
     conda:
         "../envs/train.yaml"
-    threads: job_threads("fetch_dataset")
-    resources:
-        **job_resources("fetch_dataset"),
+    # no model: Snakemake's default resources (job_resources sizes a model's jobs)
+    threads: 1
     params:
         repo_id=lambda w: HUB_DATASETS[w.dataset]["hub"],
         split=lambda w: HUB_DATASETS[w.dataset]["split"],

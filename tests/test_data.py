@@ -13,8 +13,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from conftest import run_snakemake, small_config, write_config
 from loraforge import data
 from loraforge.data import DataError
+from test_hub import fake_hub, hub_env  # noqa: F401 - fixtures: huggingface_hub pointed at tests/fake_hub.py
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data" / "rails_chat.jsonl"
@@ -392,9 +394,11 @@ def test_corpus_present():
 # ----------------------------------------------------------------------------- the rule script
 
 
-def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
-    tok_dir = tmp_path / "tiny-model"
+def tokenizer_folder(tok_dir: Path) -> Path:
+    """A model folder with only a small SentencePiece tokenizer and a qwen3 config.json (in a
+    second): all data preparation reads of a base."""
+    import sentencepiece as spm
+
     tok_dir.mkdir()
     spm.SentencePieceTrainer.train(
         input=str(CORPUS / "overview.txt"), model_prefix=str(tok_dir / "tokenizer"), vocab_size=500,
@@ -403,6 +407,11 @@ def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path):
     )
     # a qwen config makes AutoTokenizer pick a tokenizer that drops spaces: the script must not use it
     (tok_dir / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    return tok_dir
+
+
+def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path, capfd):
+    tok_dir = tokenizer_folder(tmp_path / "tiny-model")
     out = tmp_path / "out"
     smk = SimpleNamespace(
         input=SimpleNamespace(samples=[str(SHIPPED)], tokenizer_dir=str(tok_dir)),
@@ -430,6 +439,11 @@ def test_prepare_data_script_with_local_sentencepiece_tokenizer(tmp_path):
         load_tokenizer(tmp_path / "out")
     assert summary.loc["TOTAL", "samples_after"] == sum(
         1 for name in ("train.jsonl", "validation.jsonl") for _ in (out / name).open())
+    # max_seq_length 64 cuts most shipped samples: counted, and one warning line on the console
+    assert 0 < summary.loc["TOTAL", "truncated"] <= summary.loc["TOTAL", "samples_after"]
+    console = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("[lora-forge] warning")]
+    assert len(console) == 1 and f"{summary.loc['TOTAL', 'truncated']} of " in console[0], console
+    assert "longer than max_seq_length (64 tokens)" in console[0] and "the longest, " in console[0]
 
 
 # ----------------------------------------------------------------------------- formats (issue 22)
@@ -478,6 +492,8 @@ def test_three_formats_are_detected_per_file_and_converted(tmp_path):
                                       {"role": "assistant", "content": "class Y; end"}]
     assert {plain["source"], with_input["source"]} == {"alp"}
     assert (plain["id"], with_input["id"]) == ("alpaca:2", "alpaca:7")  # the line each item starts on
+    alpaca.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 3))  # all on line 1
+    assert [s["id"] for s in data.load_samples(alpaca)] == ["alpaca:1", "alpaca:1.2", "alpaca:1.3"]
 
 
 SG = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
@@ -650,3 +666,114 @@ def test_chat_length_counts_the_rendered_template(tmp_path):
     tokenizer.chat_template = CHATML_JINJA_TEMPLATE
     rendered = tokenizer.apply_chat_template(sample["messages"], tokenize=False)
     assert chat_length_counter(tokenizer)(sample) == len(tokenizer.encode(rendered, add_special_tokens=False)) > 2
+
+
+# ----------------------------------------------------------------------------- hub datasets
+
+
+DATASET = "fake-org/rails-sharegpt"
+
+
+def _parquet(rows: list[dict]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def _sharegpt_rows(n: int, tag: str) -> list[dict]:
+    return [{"id": f"{tag}-{i}", "conversations": [{"from": "human", "value": f"{tag} question {i}?"},
+                                                   {"from": "gpt", "value": f"{tag} answer {i}, " + "in words " * 40}]}
+            for i in range(n)]
+
+
+@pytest.fixture
+def dataset_repo(hub_env):
+    """A ShareGPT dataset on the fake hub, in the hub's layout (parquet per split), at two
+    revisions: `old` (pinned by the tests) and main."""
+    files = {"data/train-00000-of-00001.parquet": _parquet(_sharegpt_rows(12, "old")),
+             "data/test-00000-of-00001.parquet": _parquet(_sharegpt_rows(2, "test")), "README.md": b"# rails\n"}
+    old = hub_env.push_dataset(DATASET, files)
+    main = hub_env.push_dataset(DATASET, {**files, "data/train-00000-of-00001.parquet": _parquet(_sharegpt_rows(12, "new"))})
+    return {"hub": hub_env, "old": old, "main": main}
+
+
+def test_fetch_dataset_pins_the_revision_and_never_leaves_half_a_dataset(dataset_repo, tmp_path):
+    from loraforge.hub.datasets import fetch_dataset
+    from loraforge.hub.errors import HubError
+
+    out = tmp_path / "datasets"
+    rows, record = out / "ds.jsonl", out / "ds.json"
+    hub = dataset_repo["hub"]
+    hub.faults["drop_download"]["data/train-00000-of-00001.parquet"] = 1000  # cut off for good
+    with pytest.raises(HubError, match=f"{DATASET}@{dataset_repo['old']}: downloading the dataset failed"):
+        fetch_dataset(DATASET, "train", rows, record, revision=dataset_repo["old"])
+    assert not rows.exists() and not record.exists()
+    hub.faults["drop_download"].clear()
+    assert fetch_dataset(DATASET, "train", rows, record, revision=dataset_repo["old"]) == 12
+    got = read_jsonl(rows)
+    assert [r["id"] for r in got] == [f"old-{i}" for i in range(12)]
+    assert got[0]["conversations"][0] == {"from": "human", "value": "old question 0?"}
+    assert json.loads(record.read_text())["commit"] == dataset_repo["old"]
+    assert sorted(p.name for p in out.iterdir()) == ["ds.json", "ds.jsonl"]  # no partial left
+
+    assert fetch_dataset(DATASET, "test", rows, record) == 2  # no pin: main, another split
+    with pytest.raises(HubError, match=r"Bad split: valid.*Available splits: \['train', 'test'\]; set split:"):
+        fetch_dataset(DATASET, "valid", out / "v.jsonl", out / "v.json")
+    with pytest.raises(HubError, match="fake-org/nothing: no such dataset repo"):
+        fetch_dataset("fake-org/nothing", "train", out / "n.jsonl", out / "n.json")
+    assert sorted(p.name for p in out.iterdir()) == ["ds.json", "ds.jsonl"]
+
+
+def _dry_run_rules(work: Path, target: str) -> set[str]:
+    import re
+
+    out = run_snakemake(work, "-n", target).stdout
+    return set(re.findall(r"^(?:local)?rule (\w+):", out, re.M))
+
+
+def test_data_rules_read_two_local_formats_and_a_hub_dataset(dataset_repo, tmp_path):
+    """A real Snakemake run: a model's own data (models.X.data) from a ChatML file without
+    sources, an Alpaca JSON array (weight 2) and a hub dataset (pinned, cap 8), with one
+    duplicate across files and answers longer than max_seq_length; then what reruns when a
+    local file or the pinned revision changes."""
+    work = tmp_path / "work"
+    work.mkdir()
+    chats = write_lines(work / "my_chats.jsonl", [chat(f"chat question {i}?", f"chat answer {i}.") for i in range(20)])
+    alpaca = work / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"alpaca task {i}", "input": "", "output": f"alpaca answer {i}."}
+                                  for i in range(9)] + [{"instruction": "chat question 3?", "output": "chat answer 3."}]))
+    hub_entry = {"hub": DATASET, "revision": dataset_repo["old"], "cap": 8}
+    own = {"samples": [str(chats), {"path": str(alpaca), "weight": 2}, hub_entry], "max_source_share": 1,
+           "validation_pairs": 0, "validation_fraction": 0.2}
+    cfg = small_config(targets=["mine"], models={"mine": {
+        "base": {"path": str(tokenizer_folder(work / "base"))}, "data": own, "train": {"max_seq_length": 48}}})
+    write_config(work, cfg)
+    target = "results/mine/data/train.jsonl"
+    run = run_snakemake(work, target)
+
+    slug = f"fake-org--rails-sharegpt--train@{dataset_repo['old']}"
+    assert json.loads((work / f"results/datasets/{slug}.json").read_text())["commit"] == dataset_repo["old"]
+    summary = pd.read_csv(work / "results/mine/data/summary.tsv", sep="\t").set_index("source")
+    assert dict(summary.samples_before.drop("TOTAL")) == {"my_chats": 20, "rails-sharegpt": 12, "alpaca": 10}
+    assert summary.loc["alpaca", "duplicates"] == 1 and summary.loc["TOTAL", "duplicates"] == 1
+    train, val = read_jsonl(work / target), read_jsonl(work / "results/mine/data/validation.jsonl")
+    assert sum(1 for s in train + val if s["source"] == "rails-sharegpt") == 8  # cap 8
+    alpaca_train = Counter(s["id"] for s in train if s["source"] == "alpaca")
+    assert alpaca_train and set(alpaca_train.values()) == {2}  # weight 2, in train only
+    truncated = summary.loc["TOTAL", "truncated"]
+    assert truncated >= 8  # the hub answers are long; the tokenizer's own count decides
+    warning = [ln for ln in run.stderr.splitlines() if ln.startswith("[lora-forge] warning in rule prepare_data")]
+    assert len(warning) == 1 and f"{truncated} of {len(train) + len(val)} samples" in warning[0]
+
+    assert _dry_run_rules(work, target) == set()  # cached: nothing to fetch or prepare again
+    with open(chats, "a") as f:
+        f.write(json.dumps(chat("a new question?", "A new answer.")) + "\n")
+    assert _dry_run_rules(work, target) == {"prepare_data"}  # a changed file: its data, not the hub's
+    cfg["models"]["mine"]["data"]["samples"][2] = {**hub_entry, "revision": dataset_repo["main"]}
+    write_config(work, cfg)
+    assert _dry_run_rules(work, target) == {"fetch_dataset", "prepare_data"}
