@@ -1,6 +1,7 @@
 rule fetch_dataset:
     """A hub dataset's split (data.samples entry with hub:), pinned to the commit its revision
-    names and checked against the hub's listing, as JSON lines: fetched once, shared by models."""
+    names and checked against the hub's listing, as JSON lines: fetched once, shared by models.
+    """
     output:
         rows="results/datasets/{dataset}.jsonl",
         record="results/datasets/{dataset}.json",
@@ -24,7 +25,8 @@ rule fetch_dataset:
 rule prepare_data:
     """Read the model's data (data.samples, or models.MODEL.data: local files in any known
     format and hub datasets), drop duplicates, cap every source's share, split train/validation,
-    weight, and tabulate samples and tokens per source (tokens of this model's tokenizer)."""
+    weight, and tabulate samples and tokens per source (tokens of this model's tokenizer).
+    """
     input:
         samples=get_data_files,
         tokenizer_dir=get_base_for_training,
