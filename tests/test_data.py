@@ -777,3 +777,38 @@ def test_data_rules_read_two_local_formats_and_a_hub_dataset(dataset_repo, tmp_p
     cfg["models"]["mine"]["data"]["samples"][2] = {**hub_entry, "revision": dataset_repo["main"]}
     write_config(work, cfg)
     assert _dry_run_rules(work, target) == {"fetch_dataset", "prepare_data"}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_data_settings_per_model_and_the_paths_checked(tmp_path):
+    import copy
+
+    import yaml
+
+    from loraforge import config as lfconfig
+    from loraforge import data_sources
+
+    shipped = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = lfconfig.validate(copy.deepcopy(shipped))
+    assert cfg["data"]["samples"] == "data/rails_chat.jsonl"  # a single string still works, kept as written
+    assert [e["file"] for e in data_sources.entries(cfg, "tiny")] == ["data/rails_chat.jsonl"]
+
+    mine = write_lines(tmp_path / "mine.jsonl", [chat("q", "a")])
+    own = copy.deepcopy(shipped)
+    own["models"]["tiny"]["data"] = {"samples": [str(mine), {"path": str(tmp_path / "gone.json")},
+                                                 {"hub": "org/set", "split": "test"}], "max_source_share": 1}
+    cfg = lfconfig.validate(own)
+    tiny = lfconfig.model_settings(cfg, "tiny")["data"]
+    assert tiny["max_source_share"] == 1 and tiny["contrastive_weight"] == 2  # the rest from data:
+    assert lfconfig.model_settings(cfg, "tiny-moe")["data"]["samples"] == "data/rails_chat.jsonl"
+    assert data_sources.data_files(cfg, "tiny")[2] == "results/datasets/org--set--test@main.jsonl"
+    assert list(data_sources.hub_datasets(cfg)) == ["org--set--test@main"]
+    with pytest.raises(lfconfig.ConfigError, match=r"models\.tiny\.data\.samples\[1\]: .*gone\.json does not exist"):
+        lfconfig.check_paths(cfg, REPO)
+
+    taken = copy.deepcopy(shipped)
+    taken["models"]["datasets"] = {"base": {"build": "qwen3"}}
+    with pytest.raises(lfconfig.ConfigError, match="models.datasets: the key `datasets` is taken by results/datasets/"):
+        lfconfig.validate(taken)
