@@ -26,7 +26,7 @@ RESERVED_MODEL_KEYS = ("datasets",)  # results/datasets/ holds the fetched hub d
 
 def data_settings(config: dict, model: str) -> dict:
     """The model's data settings as written: `data:` overlaid with `models.<model>.data`."""
-    return {**config["data"], **(config["models"][model].get("data") or {})}
+    return {**(config.get("data") or {}), **(config["models"][model].get("data") or {})}
 
 
 def samples_field(config: dict, model: str) -> str:
