@@ -12,6 +12,7 @@ import functools
 
 import yaml
 
+from loraforge import data_sources
 from loraforge.constants import NEEDS_IMATRIX
 from loraforge.errors import UserError
 from loraforge.fileio import read_hf_config
@@ -65,15 +66,18 @@ def _describe(error) -> str:
     """One readable line for a jsonschema error, naming the field."""
     if error.validator == "oneOf" and list(error.path)[-1:] == ["base"]:
         return f"{_field(error.path)}: give exactly one of build, hub or path (got {', '.join(sorted(error.instance))})"
+    if error.validator == "oneOf" and all(list(s) == ["required"] for s in error.validator_value):
+        keys = " or ".join(s["required"][0] for s in error.validator_value)  # e.g. a data.samples entry
+        return f"{_field(error.absolute_path)}: give exactly one of {keys} (got {', '.join(sorted(error.instance))})"
     # oneOf/anyOf errors are vague; the deepest sub-error says what is wrong
     if error.context:
         return _describe(max(error.context, key=lambda e: len(e.path)))
     if error.validator == "additionalProperties":
-        return f"{_field(error.path)}: {error.message}"
+        return f"{_field(error.absolute_path)}: {error.message}"
     if error.validator == "enum":
         allowed = ", ".join(map(str, error.validator_value))
-        return f"{_field(error.path)}: {error.instance!r} is not one of {allowed}"
-    return f"{_field(error.path)}: {error.message}"
+        return f"{_field(error.absolute_path)}: {error.instance!r} is not one of {allowed}"
+    return f"{_field(error.absolute_path)}: {error.message}"
 
 
 def parse_size(value: str | int | float) -> int:
@@ -139,6 +143,7 @@ def _check_semantics(config: dict) -> None:
                     "or fetched itself. Use merge_mode link (or copy) for this model's base"
                 )
     problems += _continue_problems(config)
+    problems += data_sources.config_problems(config)
     for key in models:
         settings = model_settings(config, key)
         if settings["lora"]["dropout"] > 0 and is_moe(config, key):
@@ -202,7 +207,7 @@ def check_paths(config: dict, root: str | Path = ".") -> None:
     directory). Snakemake itself says "Nothing to be done" when a changed setting points at a
     missing input whose outputs exist, so this is checked before the DAG is built."""
     root = Path(root)
-    wanted = [("data.samples", config["data"]["samples"], "file")]
+    wanted = [(field, path, "file") for field, path in data_sources.local_files(config)]
     if any("build" in m["base"] for m in config["models"].values()):
         wanted += [(f"tiny_base.corpus[{i}]", c, "any") for i, c in enumerate(config["tiny_base"]["corpus"])]
     wanted += [(f"models.{key}.base.path", m["base"]["path"], "dir") for key, m in config["models"].items()
@@ -258,6 +263,7 @@ def model_settings(config: dict, key: str) -> dict:
             "name": model.get("ollama", {}).get("name", f"lora-forge-{key}"),
         },
         "arch": model.get("arch", {}),
+        "data": data_sources.data_settings(config, key),
     }
 
 

@@ -1,9 +1,11 @@
-"""Chat-dataset preparation: load and validate JSONL samples, cap over-represented sources,
-split train/validation, up-weight contrastive pairs and summarise what changed.
+"""Chat-dataset preparation: load samples from one or more files (any format of
+`loraforge.data_formats`; entries of `loraforge.data_sources`), remove content duplicates, cap
+over-represented sources, split train/validation, weight entries and contrastive pairs, and
+summarise what changed (with the samples training cuts at max_seq_length).
 
 Pure logic (no Snakemake); `scripts/prepare_data.py` is the thin rule adapter.
 
-A sample is one JSON object per line::
+A sample, once converted, is::
 
     {"id": "gl-0001", "source": "gitlab",
      "messages": [{"role": "system", "content": "..."},
@@ -11,9 +13,10 @@ A sample is one JSON object per line::
                   {"role": "assistant", "content": "..."}],
      "pair": "cp-03", "kind": "contrastive"}          # both optional
 
-Pipeline order (see `prepare`): load -> cap_sources -> split -> upweight_contrastive
-(train only). Splitting before up-weighting means a repeated contrastive sample can never
-sit on both sides of the split.
+Pipeline order (see `prepare`): load -> dedupe -> limit_entry (cap, weight < 1) -> cap_sources
+-> split -> drop_leaked_prompts -> repeat_weighted (weight > 1) and upweight_contrastive (train
+only). Removing duplicates before the split, and repeating only after it, means a sample can
+never sit on both sides of the split.
 """
 
 from __future__ import annotations
@@ -27,13 +30,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import pandas as pd
-from loraforge.errors import UserError
 
+from loraforge.data_formats import ROLES, DataError, field_error, read_chat_samples  # noqa: F401 - ROLES, DataError: used as loraforge.data.X
 from loraforge.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
 CONTRASTIVE = "contrastive"
 SUMMARY_COLUMNS = [
     "source",
@@ -43,81 +45,25 @@ SUMMARY_COLUMNS = [
     "samples_after",
     "tokens_after",
     "share_after",
+    "duplicates",  # samples removed before the split: their messages repeat an earlier sample's
+    "truncated",  # rows written (train + validation) longer than max_seq_length: training cuts them
 ]
-
-
-class DataError(UserError, ValueError):
-    """A dataset problem. `path`, `line` (1-based) and `field` are set when known."""
-
-    def __init__(self, message: str, *, path=None, line: int | None = None, field: str | None = None):
-        super().__init__(message)
-        self.path = None if path is None else str(path)
-        self.line = line
-        self.field = field
-
-
-def _field_error(path, line: int, field: str, problem: str) -> DataError:
-    return DataError(f"{path}:{line}: field '{field}': {problem}", path=path, line=line, field=field)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _validate_record(obj, path, line: int) -> None:
-    if not isinstance(obj, dict):
-        raise DataError(
-            f"{path}:{line}: a sample must be a JSON object, got {type(obj).__name__}", path=path, line=line
-        )
-    if "id" in obj and obj["id"] is not None:
-        if not isinstance(obj["id"], str) or not obj["id"].strip():
-            raise _field_error(path, line, "id", f"{obj['id']!r} is not a non-empty string")
-    source = obj.get("source")
-    if source is None:
-        raise _field_error(path, line, "source", "missing")
-    if not isinstance(source, str) or not source.strip():
-        raise _field_error(path, line, "source", f"{source!r} is not a non-empty string")
-    for key in ("pair", "kind"):
-        value = obj.get(key)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise _field_error(path, line, key, f"{value!r} is not a non-empty string")
+def load_samples(path, default_source: str | None = None) -> list[dict]:
+    """Read, convert and validate one sample file (`loraforge.data_formats`: OpenAI/ChatML,
+    ShareGPT or Alpaca, JSON lines or a JSON array); blank lines are skipped.
 
-    messages = obj.get("messages")
-    if messages is None:
-        raise _field_error(path, line, "messages", "missing")
-    if not isinstance(messages, list) or not messages:
-        raise _field_error(path, line, "messages", "must be a non-empty list of {role, content} objects")
-    has_assistant = False
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _field_error(path, line, where, f"must be an object, got {type(message).__name__}")
-        if "role" not in message:
-            raise _field_error(path, line, f"{where}.role", "missing")
-        role = message["role"]
-        if role not in ROLES:
-            raise _field_error(path, line, f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
-        if "content" not in message:
-            raise _field_error(path, line, f"{where}.content", "missing")
-        content = message["content"]
-        if not isinstance(content, str):
-            raise _field_error(path, line, f"{where}.content", f"must be a string, got {type(content).__name__}")
-        if role == "assistant":
-            if not content.strip():
-                raise _field_error(path, line, f"{where}.content", "assistant content is empty")
-            has_assistant = True
-    if not has_assistant:
-        raise _field_error(path, line, "messages", "no assistant turn (nothing to learn from)")
-
-
-def load_samples(path) -> list[dict]:
-    """Read and validate a chat JSONL file; blank lines are skipped.
-
-    Raises `DataError` naming the file, the 1-based line and the field for: invalid JSON, a
-    line that is not an object, a missing/empty `source`, missing/empty/non-list `messages`,
-    a message that is not an object, a role outside system/user/assistant, non-string
-    content, an empty assistant reply, no assistant turn at all, a non-string `id`/`pair`/
-    `kind`, a duplicate `id`, and a `pair` id that is not shared by exactly two samples of
-    the same source. A sample without `id` gets `"<file stem>:<line>"`.
+    Raises `DataError` naming the file, the 1-based line and the field for: invalid JSON or
+    UTF-8, a sample in no known format or in another format than the file's first, a missing or
+    malformed message or turn, a role outside system/user/assistant, an empty answer, no answer
+    at all, a non-string `id`/`source`/`pair`/`kind`, a duplicate `id`, and a `pair` id that is
+    not shared by exactly two samples of the same source. A sample without `source` gets
+    `default_source` (default: the file's stem), one without `id` gets `"<file stem>:<line>"`
+    (`.2`, `.3`, ... appended for further samples that start on the same line of a JSON array).
     """
     path_str = str(path)
     samples: list[dict] = []
@@ -125,60 +71,100 @@ def load_samples(path) -> list[dict]:
     pair_lines: dict[str, list[int]] = defaultdict(list)
     pair_source: dict[str, str] = {}
     stem = Path(path_str).stem
-    try:
-        handle = open(path_str, "rb")
-    except OSError as exc:
-        raise DataError(f"{path_str}: cannot read the dataset: {exc.strerror or exc}", path=path_str) from None
-    with handle:
-        for line_no, raw_bytes in enumerate(handle, start=1):
-            try:
-                raw = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path_str}:{line_no}: not valid UTF-8 (byte 0x{raw_bytes[exc.start]:02x} at column "
-                    f"{exc.start + 1}); save the file as UTF-8",
-                    path=path_str, line=line_no,
-                ) from None
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path_str}:{line_no}: invalid JSON: {exc.msg} (column {exc.colno})", path=path_str, line=line_no
-                ) from None
-            _validate_record(obj, path_str, line_no)
-            if obj.get("id") is None:
-                obj["id"] = f"{stem}:{line_no}"
-            sample_id = obj["id"]
-            if sample_id in seen_ids:
-                raise _field_error(
-                    path_str, line_no, "id", f"duplicate id {sample_id!r} (first used on line {seen_ids[sample_id]})"
-                )
-            seen_ids[sample_id] = line_no
-            pair = obj.get("pair")
-            if pair is not None:
-                pair_lines[pair].append(line_no)
-                if len(pair_lines[pair]) > 2:
-                    raise _field_error(
-                        path_str, line_no, "pair",
-                        f"pair {pair!r} already has two samples (lines {pair_lines[pair][0]} and "
-                        f"{pair_lines[pair][1]}); a pair has exactly two",
-                    )
-                if pair in pair_source and pair_source[pair] != obj["source"]:
-                    raise _field_error(
-                        path_str, line_no, "pair",
-                        f"pair {pair!r} mixes sources {pair_source[pair]!r} and {obj['source']!r}; "
-                        "both samples of a pair must share a source",
-                    )
-                pair_source[pair] = obj["source"]
-            samples.append(obj)
+    for line_no, obj in read_chat_samples(path_str, default_source):
+        if obj.get("id") is None:  # <stem>:<line>, and .2, .3, ... for more samples on one line (a JSON array)
+            obj["id"] = next(i for k in range(1, len(seen_ids) + 2)
+                             if (i := f"{stem}:{line_no}" + (f".{k}" if k > 1 else "")) not in seen_ids)
+        sample_id = obj["id"]
+        if sample_id in seen_ids:
+            raise field_error(
+                path_str, line_no, "id", f"duplicate id {sample_id!r} (first used on line {seen_ids[sample_id]})"
+            )
+        seen_ids[sample_id] = line_no
+        pair = obj.get("pair")
+        if pair is not None:
+            _check_pair(pair, obj["source"], line_no, path_str, pair_lines, pair_source)
+        samples.append(obj)
     for pair, lines in pair_lines.items():
         if len(lines) != 2:
-            raise _field_error(
+            raise field_error(
                 path_str, lines[0], "pair", f"pair {pair!r} has only one sample; a pair has exactly two"
             )
     return samples
+
+
+def _check_pair(pair: str, source: str, line_no: int, path: str, pair_lines: dict, pair_source: dict) -> None:
+    pair_lines[pair].append(line_no)
+    if len(pair_lines[pair]) > 2:
+        raise field_error(
+            path, line_no, "pair",
+            f"pair {pair!r} already has two samples (lines {pair_lines[pair][0]} and "
+            f"{pair_lines[pair][1]}); a pair has exactly two",
+        )
+    if pair in pair_source and pair_source[pair] != source:
+        raise field_error(
+            path, line_no, "pair",
+            f"pair {pair!r} mixes sources {pair_source[pair]!r} and {source!r}; "
+            "both samples of a pair must share a source",
+        )
+    pair_source[pair] = source
+
+
+def file_entry(path) -> dict:
+    """A single sample file as a `loraforge.data_sources` entry (no options)."""
+    return {"kind": "file", "file": str(path), "label": str(path), "default_source": Path(str(path)).stem,
+            "source": None, "weight": 1, "cap": None}
+
+
+def load_entries(entries: Sequence[dict]) -> list[list[dict]]:
+    """The samples of each entry (`loraforge.data_sources.entries`), in order. An id or pair id
+    that an earlier entry already uses is prefixed with the entry's label, so ids stay unique
+    and pairs never join across files."""
+    groups: list[list[dict]] = []
+    ids: set[str] = set()
+    pairs: set[str] = set()
+    for entry in entries:
+        group = load_samples(entry["file"], entry.get("source") or entry["default_source"])
+        own_pairs = {s["pair"] for s in group if s.get("pair")}
+        renamed_pairs = {p: f"{entry['label']}:{p}" for p in own_pairs & pairs}
+        for sample in group:
+            while sample["id"] in ids:
+                sample["id"] = f"{entry['label']}:{sample['id']}"
+            ids.add(sample["id"])
+            if sample.get("pair") in renamed_pairs:
+                sample["pair"] = renamed_pairs[sample["pair"]]
+        pairs |= {s["pair"] for s in group if s.get("pair")}
+        groups.append(group)
+    return groups
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+
+def content_key(sample: dict) -> tuple:
+    """What makes two samples the same: their messages, roles and whitespace-collapsed text."""
+    return tuple((m["role"], " ".join(m["content"].split())) for m in sample["messages"])
+
+
+def dedupe(samples: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, removed): every sample whose content (`content_key`) an earlier one already has is
+    removed, before the split, so that no validation sample is also trained on. Pairs are kept
+    whole and win: they are taken first (a pair goes if either member repeats a kept sample),
+    then single samples; both in input order. `kept` keeps the input order."""
+    seen: set[tuple] = set()
+    keep: set[int] = set()
+    units = _units(samples)
+    for unit in [u for u in units if len(u) > 1] + [u for u in units if len(u) == 1]:
+        keys = [content_key(samples[i]) for i in unit]
+        if any(k in seen for k in keys):
+            continue
+        seen.update(keys)
+        keep.update(unit)
+    kept = [s for i, s in enumerate(samples) if i in keep]
+    removed = [s for i, s in enumerate(samples) if i not in keep]
+    if removed:
+        log.info("prepare: removed %d samples whose messages repeat an earlier sample's", len(removed))
+    return kept, removed
 
 
 def is_contrastive(sample: dict) -> bool:
@@ -225,6 +211,17 @@ def _share(max_share) -> Fraction:
     if not 0 < share <= 1:
         raise DataError(f"max_source_share must be in (0, 1], got {max_share!r}")
     return share
+
+
+def _preference(samples: Sequence[dict], units: list[list[int]], key: str) -> list[list[int]]:
+    """The order units are kept in when some must go: priority units (pairs, contrastive)
+    first, each group shuffled by `random.Random(key)`."""
+    rng = random.Random(key)
+    prio = [u for u in units if _is_priority(samples, u)]
+    rest = [u for u in units if not _is_priority(samples, u)]
+    rng.shuffle(prio)
+    rng.shuffle(rest)
+    return prio + rest
 
 
 def _fill(order: list[list[int]], quota: int) -> list[list[int]]:
@@ -288,19 +285,12 @@ def cap_sources(samples: Sequence[dict], max_share: float = 0.2, seed: int = 0) 
         raise DataError(
             f"cannot cap sources at {float(share):g}: {k} source(s) ({', '.join(sorted(by_source))}) can at best be "
             f"1/{k} = {1 / k:.3g} each; a cap of {float(share):g} needs at least {needed} sources "
-            f"(add sources or raise max_source_share)"
+            f"(add sources, or set max_source_share: 1 to keep every source whole)"
         )
 
     # per-source preference order: priority units (pairs / contrastive) first, each group
     # shuffled deterministically by seed and source name
-    order: dict[str, list[list[int]]] = {}
-    for src, src_units in by_source.items():
-        rng = random.Random(f"{seed}:{src}")
-        prio = [u for u in src_units if _is_priority(samples, u)]
-        rest = [u for u in src_units if not _is_priority(samples, u)]
-        rng.shuffle(prio)
-        rng.shuffle(rest)
-        order[src] = prio + rest
+    order = {src: _preference(samples, src_units, f"{seed}:{src}") for src, src_units in by_source.items()}
 
     def attempt(quota: int):
         kept = {src: (us if sizes[src] <= quota else _fill(order[src], quota)) for src, us in by_source.items()}
@@ -341,6 +331,39 @@ def upweight_contrastive(samples: Iterable[dict], weight: int) -> list[dict]:
             out.extend(dict(sample) for _ in range(weight))
         else:
             out.append(sample)
+    return out
+
+
+def limit_entry(samples: Sequence[dict], entry: dict, seed: int = 0) -> list[dict]:
+    """An entry's samples under its `cap` (at most that many) and a `weight` below 1 (that
+    fraction, at least one sample): which ones is decided by `seed` and the entry's label,
+    pairs and contrastive samples first, pairs whole; the kept ones keep their order."""
+    quota = len(samples)
+    if entry.get("cap") is not None:
+        quota = min(quota, int(entry["cap"]))
+    weight = float(entry.get("weight", 1))
+    if weight < 1:
+        quota = min(quota, max(1, round(weight * len(samples))))
+    if quota >= len(samples):
+        return list(samples)
+    units = _units(samples)
+    kept = _fill(_preference(samples, units, f"{seed}:{entry['label']}"), quota)
+    keep = sorted(i for u in kept for i in u)
+    log.info("prepare: %s: %d of %d samples kept (cap %s, weight %g)", entry["label"], len(keep), len(samples),
+             entry.get("cap"), weight)
+    return [samples[i] for i in keep]
+
+
+def repeat_weighted(samples: Iterable[dict], weights: dict[str, float], seed: int = 0) -> list[dict]:
+    """Each sample `weights[id]` times (copies next to the original; a fractional part is one
+    more copy for that share of the samples, chosen by `seed`); others once. Train only."""
+    rng = random.Random(f"{seed}:weight")
+    out: list[dict] = []
+    for sample in samples:
+        weight = weights.get(sample["id"], 1)
+        times = int(weight) + (1 if weight != int(weight) and rng.random() < weight - int(weight) else 0)
+        out.append(sample)
+        out.extend(dict(sample) for _ in range(times - 1))
     return out
 
 
@@ -425,19 +448,24 @@ def sample_tokens(sample: dict, count_tokens: Callable[[str], int] | None = None
     return sum(int(count(m["content"])) for m in sample["messages"])
 
 
-def summarize(before: Sequence[dict], after: Sequence[dict], count_tokens=None) -> pd.DataFrame:
+def summarize(before: Sequence[dict], after: Sequence[dict], count_tokens=None, *,
+              duplicates: Sequence[dict] = (), truncated: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per source (sorted by samples_before, descending) plus a TOTAL row. Shares are
-    sample shares in [0, 1]; `after` counts every row written (up-weighted copies included)."""
+    sample shares in [0, 1]; `after` counts every row written (up-weighted copies included);
+    `duplicates` (removed before the split) and `truncated` (rows of `after` training cuts) are
+    counted per source."""
     rows: dict[str, dict] = {}
 
-    def tally(samples, prefix):
-        for sample in samples:
-            row = rows.setdefault(sample["source"], {c: 0 for c in SUMMARY_COLUMNS[1:]})
-            row[f"samples_{prefix}"] += 1
-            row[f"tokens_{prefix}"] += sample_tokens(sample, count_tokens)
+    def row_of(sample):
+        return rows.setdefault(sample["source"], {c: 0 for c in SUMMARY_COLUMNS[1:]})
 
-    tally(before, "before")
-    tally(after, "after")
+    for prefix, samples in (("before", before), ("after", after)):
+        for sample in samples:
+            row_of(sample)[f"samples_{prefix}"] += 1
+            row_of(sample)[f"tokens_{prefix}"] += sample_tokens(sample, count_tokens)
+    for column, samples in (("duplicates", duplicates), ("truncated", truncated)):
+        for sample in samples:
+            row_of(sample)[column] += 1
     n_before, n_after = len(before), len(after)
     records = []
     for src, row in rows.items():
@@ -446,8 +474,9 @@ def summarize(before: Sequence[dict], after: Sequence[dict], count_tokens=None) 
         records.append({"source": src, **row})
     records.sort(key=lambda r: (-r["samples_before"], r["source"]))
     total = {"source": "TOTAL"}
-    for column in ("samples_before", "tokens_before", "samples_after", "tokens_after"):
-        total[column] = sum(r[column] for r in records)
+    for column in SUMMARY_COLUMNS[1:]:
+        if not column.startswith("share"):
+            total[column] = sum(r[column] for r in records)
     total["share_before"] = 1.0 if n_before else 0.0
     total["share_after"] = 1.0 if n_after else 0.0
     records.append(total)
@@ -458,6 +487,36 @@ def summarize(before: Sequence[dict], after: Sequence[dict], count_tokens=None) 
     return df
 
 
+def too_long(samples: Sequence[dict], max_seq_length: int | None,
+             count_length: Callable[[dict], int]) -> tuple[list[dict], dict | None]:
+    """(the samples longer than `max_seq_length` tokens, {id, tokens} of the longest of them or
+    None). `count_length` is measured once per id (up-weighted copies share it)."""
+    if not max_seq_length:
+        return [], None
+    lengths: dict[str, int] = {}
+    cut = []
+    for sample in samples:
+        if sample["id"] not in lengths:
+            lengths[sample["id"]] = int(count_length(sample))
+        if lengths[sample["id"]] > max_seq_length:
+            cut.append(sample)
+    if not cut:
+        return [], None
+    longest = max(cut, key=lambda s: lengths[s["id"]])
+    return cut, {"id": longest["id"], "tokens": lengths[longest["id"]]}
+
+
+def truncation_warning(summary: pd.DataFrame) -> str | None:
+    """The one line saying how many samples training cuts and the longest (from `prepare`'s
+    summary), or None."""
+    info = summary.attrs.get("truncation")
+    if not info:
+        return None
+    return (f"{info['count']} of {info['rows']} samples are longer than max_seq_length ({info['max_seq_length']} "
+            f"tokens) and are cut in training; the longest, {info['longest']['id']}, has {info['longest']['tokens']} "
+            "tokens (raise train.max_seq_length or shorten them)")
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -466,7 +525,7 @@ def _jsonl(samples: Iterable[dict]) -> str:
 
 
 def prepare(
-    path,
+    sources,
     out_train,
     out_validation,
     out_summary,
@@ -477,28 +536,48 @@ def prepare(
     seed: int = 0,
     validation_pairs: int = 0,
     count_tokens: Callable[[str], int] | None = None,
+    max_seq_length: int | None = None,
+    count_length: Callable[[dict], int] | None = None,
 ) -> pd.DataFrame:
-    """The whole pipeline: load -> cap_sources -> split -> upweight_contrastive(train only).
+    """The whole pipeline (module docstring). `sources`: one file's path, or entries of
+    `loraforge.data_sources.entries`.
 
     Writes train and validation JSONL and a summary TSV (`SUMMARY_COLUMNS`, one row per
     source plus TOTAL; "after" = the final train + validation rows, up-weighted copies
-    included, so with ``contrastive_weight > 1`` a source rich in contrastive pairs can show a
-    share_after above `max_source_share`: the cap is applied before up-weighting, on
-    distinct samples). Each file is written atomically (`loraforge.fileio`), so a half-written
-    file never carries the final name; the summary is written last. Returns the summary DataFrame.
+    included, so with weights a source can show a share_after above `max_source_share`: the cap
+    is applied before repeating, on distinct samples). A row longer than `max_seq_length`
+    (`count_length`: tokens as training renders the sample; default: `count_tokens` of the
+    contents) is counted and warned about (`truncation_warning`). Each file is written
+    atomically (`loraforge.fileio`), the summary last. Returns the summary DataFrame.
     """
-    samples = load_samples(path)
+    entries = [file_entry(sources)] if isinstance(sources, (str, Path)) else list(sources)
+    groups = load_entries(entries)
+    samples = [s for group in groups for s in group]
     if not samples:
-        raise DataError(f"{path}: no samples", path=path)
-    capped = cap_sources(samples, max_source_share, seed)
+        raise DataError(f"{', '.join(e['label'] for e in entries)}: no samples", path=entries[0]["file"])
+    distinct, duplicates = dedupe(samples)
+    kept_ids = {s["id"] for s in distinct}
+    limited, weights = [], {}
+    for entry, group in zip(entries, groups):
+        group = limit_entry([s for s in group if s["id"] in kept_ids], entry, seed)
+        limited += group
+        weights.update({s["id"]: float(entry["weight"]) for s in group if float(entry.get("weight", 1)) > 1})
+    capped = cap_sources(limited, max_source_share, seed)
     train, validation = split(capped, validation_fraction, seed, contrastive_pairs=validation_pairs)
     train = drop_leaked_prompts(train, validation)
-    train = upweight_contrastive(train, contrastive_weight)
-    summary = summarize(samples, train + validation, count_tokens)
+    train = upweight_contrastive(repeat_weighted(train, weights, seed), contrastive_weight)
+    written = train + validation
+    cut, longest = too_long(written, max_seq_length, count_length or (lambda s: sample_tokens(s, count_tokens)))
+    summary = summarize(samples, written, count_tokens, duplicates=duplicates, truncated=cut)
+    if cut:
+        summary.attrs["truncation"] = {"count": len(cut), "rows": len(written), "longest": longest,
+                                       "max_seq_length": max_seq_length}
+        log.warning("prepare: %s", truncation_warning(summary))
     write_text_atomic(out_train, _jsonl(train), fsync=True)
     write_text_atomic(out_validation, _jsonl(validation), fsync=True)
     write_text_atomic(out_summary, summary.to_csv(sep="\t", index=False, float_format="%.4f", lineterminator="\n"),
                       fsync=True)
-    log.info("prepare: %d samples -> %d after cap -> %d train (+%d up-weighted copies) / %d validation",
-             len(samples), len(capped), len(train), len(train) + len(validation) - len(capped), len(validation))
+    log.info("prepare: %d samples -> %d distinct -> %d after cap -> %d train rows (weights and contrastive "
+             "repeats included) / %d validation", len(samples), len(distinct), len(capped), len(train),
+             len(validation))
     return summary

@@ -31,6 +31,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+from loraforge import data_sources
 from loraforge import sizes as S
 from loraforge.plan.intermediate import candidate_intermediates, resolve_intermediate
 
@@ -150,8 +151,7 @@ def _artifact_estimates(config_json: str, model: str, cwd: str) -> dict[str, int
     base = P.base_dir_of(config, model)
     hf = P.hf_config_of(config, model, base)
     out: dict[str, int] = {}
-    samples = (config.get("data") or {}).get("samples")
-    sample_bytes = os.path.getsize(samples) if samples and os.path.isfile(samples) else 1_000_000
+    sample_bytes = data_sources.sample_bytes(config, model)
     d = f"{RESULTS_DIR}/{model}"
     out[f"{d}/data/train.jsonl"] = int(sample_bytes * 1.2)  # as the disk plan estimates them
     out[f"{d}/data/validation.jsonl"] = int(sample_bytes * 0.2)

@@ -56,12 +56,27 @@ def load_tokenizer(model_dir: str | os.PathLike):
     raise RuntimeError(f"could not load a tokenizer from {folder}: " + "; ".join(errors))
 
 
-def token_counter(model_dir: str | os.PathLike) -> Callable[[str], int]:
+def token_counter(model_dir) -> Callable[[str], int]:
     """A function counting the tokens of a text (no special tokens added) with the model's
-    tokenizer."""
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer (`model_dir`: a model folder, or a tokenizer already loaded)."""
+    tokenizer = load_tokenizer(model_dir) if isinstance(model_dir, (str, os.PathLike)) else model_dir
 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     return count_tokens
+
+
+def chat_length_counter(tokenizer) -> Callable[[dict], int]:
+    """A function giving the tokens of a chat sample as training sees it: its `messages`
+    rendered by the tokenizer's chat template (the length training cuts at max_seq_length); a
+    tokenizer without a template counts the contents' tokens (a lower bound)."""
+    count_tokens = token_counter(tokenizer)
+
+    def chat_length(sample: dict) -> int:
+        if not tokenizer.chat_template:
+            return sum(count_tokens(m["content"]) for m in sample["messages"])
+        ids = tokenizer.apply_chat_template(sample["messages"], tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    return chat_length

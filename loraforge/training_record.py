@@ -75,7 +75,7 @@ def current_settings(config: dict, model: str, with_base: bool = True) -> dict[s
     out = {
         "lora": settings["lora"],
         "train": {k: v for k, v in settings["train"].items() if k not in NOT_RECORDED},
-        "data": {k: config["data"][k] for k in DATA_SETTINGS},
+        "data": {k: settings["data"][k] for k in DATA_SETTINGS},  # models.X.data overrides data:
         "base": declared,
         "base_identity": base_identity(base_dir(config, model)) if with_base else None,
     }

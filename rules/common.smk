@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 
 import loraforge.config as lfconfig
 import loraforge.continue_config as lfcontinue
+import loraforge.data_sources as lfdata
 import loraforge.plan.intermediate as lfintermediate
 import loraforge.resources as lfresources
 from loraforge import workflow_hooks
@@ -37,6 +38,8 @@ def _alternatives(names):
 
 BUILT_MODELS = [m for m in MODELS if "build" in config["models"][m]["base"]]
 HUB_MODELS = [m for m in MODELS if "hub" in config["models"][m]["base"]]
+# hub datasets of every model's data.samples, by the slug of their file in results/datasets/
+HUB_DATASETS = lfdata.hub_datasets(config)
 
 
 wildcard_constraints:
@@ -83,6 +86,16 @@ def get_base_complete(wildcards):
     if "path" in config["models"][wildcards.model]["base"]:
         return []
     return f"results/{wildcards.model}/base.complete"
+
+
+def data_of(model):
+    """The model's data settings: data: overlaid with models.MODEL.data."""
+    return lfdata.data_settings(config, model)
+
+
+def get_data_files(wildcards):
+    """Every sample file prepare_data reads: local files and fetched hub datasets."""
+    return lfdata.data_files(config, wildcards.model)
 
 
 _intermediates = {}

@@ -6,6 +6,8 @@ Endpoints (as huggingface_hub calls them; read from its source, see tests/test_h
     GET  /api/whoami-v2                                   who the token belongs to
     POST /api/repos/create                                create a repo (409 if it exists)
     GET  /api/models/{repo}[/revision/{rev}]              model info (sha of the revision)
+    GET  /api/datasets/{repo}[/revision/{rev}], .../tree/, .../paths-info/, /datasets/{repo}/resolve/...
+                                                          the same for dataset repos (push_dataset)
     GET  /api/models/{repo}/tree/{rev}[/{path}]           file listing (size, oid, lfs sha256)
     POST /api/models/{repo}/paths-info/{rev}              the same for given paths
     POST /api/models/{repo}/preupload/{rev}               regular or LFS per file
@@ -40,6 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+DATASETS = "datasets/"  # dataset repos are kept as repos named datasets/<org>/<name> (push_dataset)
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".model", ".pt")
 
 
@@ -122,6 +125,10 @@ class FakeHub:
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         files.update(extra or {})
         return self.push(repo_id, files, **kw)
+
+    def push_dataset(self, repo_id: str, files: dict[str, bytes], **kw) -> str:
+        """A commit of a dataset repo (the /api/datasets/ and /datasets/.../resolve/ routes)."""
+        return self.push(DATASETS + repo_id, files, **kw)
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.repos[repo_id]
@@ -238,6 +245,14 @@ def _handler_for(hub: FakeHub):
                     return self._lfs_verify()
                 if (g := re.fullmatch(r"/(.+?/.+?)\.git/info/lfs/objects/batch", path)) and self.command == "POST":
                     return self._lfs_batch(g[1])
+                if g := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/(.+))?", path):
+                    return self._model_info(DATASETS + g[1], g[2] or "main")
+                if g := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path):
+                    return self._tree(DATASETS + g[1], g[2], g[3] or "", query)
+                if g := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)", path):
+                    return self._paths_info(DATASETS + g[1], g[2])
+                if (g := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)) and self.command in ("GET", "HEAD"):
+                    return self._resolve(DATASETS + g[1], g[2], g[3])
                 if g := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
                     return self._model_info(g[1], g[2] or "main")
                 if g := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path):

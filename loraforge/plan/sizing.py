@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from loraforge import data_sources
 from loraforge import sizes as S
 from loraforge.fileio import read_hf_config
 from loraforge.plan.model import DEFAULT_ROLES, RESULTS_DIR, ModelLayout, Plan, Step, _norm
@@ -169,8 +170,7 @@ def gather_sizes(steps: list[Step], config: Mapping, results_dir: str = RESULTS_
         layouts[key] = ModelLayout(key, base, shards, other, gguf, meta, arch)
 
     sizes: dict[str, int] = {}
-    samples = (config.get("data") or {}).get("samples")
-    sample_bytes = os.path.getsize(samples) if samples and os.path.isfile(samples) else 1_000_000
+    sample_bytes = data_sources.sample_bytes(config)
     all_paths = list(dict.fromkeys(p for s in steps for p in [*s.outputs, *s.inputs]))
     for s in steps:
         for p in s.outputs:
