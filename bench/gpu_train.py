@@ -272,8 +272,6 @@ def child_train(args) -> dict:
     timer = StepTimer()
     timer.warmup_steps = args.warmup_steps
     ttrainer.DEFAULT_CALLBACKS.append(timer.callback)  # observe only; train() is called unchanged
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     trainer_cls = lftrain._trainer_class()
     t0 = time.time()
     # exactly as scripts/train_adapter.py calls it
@@ -281,7 +279,8 @@ def child_train(args) -> dict:
         str(base_dir), str(DATA_DIR / "train.jsonl"), str(DATA_DIR / "validation.jsonl"),
         adapter_dir=str(adapter_dir), out_dir=str(out_dir), lora=dict(lora), train_params=dict(train_params))
     wall = time.time() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    # the run's own peaks, step 1 included (train()'s RunPeak: no reset hides them; NVML for the driver)
+    peak = metrics.get("peak_gpu_memory_gib")
 
     dts = [b - a for a, b in zip(timer.times, timer.times[1:])]
     warm = min(args.warmup_steps, max(len(dts) - 1, 0))
@@ -300,7 +299,8 @@ def child_train(args) -> dict:
         "metrics": metrics, "wall_s": round(wall, 1), "step_times_s": [round(x, 3) for x in dts],
         "warmup_steps_excluded": warm,
         "s_per_step_steady": round(sum(steady) / len(steady), 3) if steady else None,
-        "peak_gib": round(peak, 3) if peak is not None else None, **timer.facts,
+        "peak_gib": peak, "peak_gpu_driver_gib": metrics.get("peak_gpu_driver_gib"),
+        "peak_gpu_driver_step1_gib": metrics.get("peak_gpu_driver_step1_gib"), **timer.facts,
         "adapter_files": files, "adapter_bytes": sum(files.values()),
         "adapter_keys_n": len(keys),
         "adapter_keys_layer0": {k: v for k, v in keys.items() if ".layers.0." in k},

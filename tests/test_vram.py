@@ -283,3 +283,25 @@ def test_check_training_announces_the_auto_choice(monkeypatch):
     with pytest.raises(vram.VramError, match="no setting fits"):
         vram.check_training(lfconfig.load(REPO / "config.yaml", {"gpu_memory": "20GiB", "models": {"30b": {"train": {
             "backend": "unsloth", "gradient_checkpointing": "auto"}}}}), ["30b"], say=lines.append)
+
+
+@pytest.mark.slow
+def test_the_shipped_30b_plans_under_the_articles_gpu_and_disk():
+    """`loraforge plan` of the 30B's two quants with the shipped config and no flags fits the 95 GB
+    quota under the article's 88 GB; with --gpu-memory 80GB and gradient_checkpointing auto it
+    announces the setting it chose for the article's card."""
+    import re
+    import subprocess
+
+    exe = Path(sys.executable).parent / "loraforge"
+    targets = ["results/30b/Q5_K_M.gguf", "results/30b/Q4_K_M.gguf"]
+    plain = subprocess.run([str(exe), "plan", *targets, "--free", "10TB"], cwd=REPO, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    peak_gb = float(re.search(r"^Peak disk: .*\[([\d.]+) GB\]", plain.stdout, re.M).group(1))
+    assert peak_gb <= 88.0
+    assert "F16 intermediate, consume merge, 1 training checkpoint" in plain.stdout
+    auto = subprocess.run([str(exe), "plan", *targets, "--free", "10TB", "--gpu-memory", "80GB", "--config",
+                           "defaults.train.backend=unsloth", "defaults.train.gradient_checkpointing=auto"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert auto.returncode == 0, auto.stdout[-3000:] + auto.stderr[-3000:]
+    assert "30b: gradient_checkpointing auto: off, micro-batch 1 x 16" in auto.stdout

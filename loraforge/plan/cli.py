@@ -46,6 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quota", metavar="SIZE", help="disk quota, e.g. 95GB (decimal) or 95G/95GiB (binary); "
                         "default: disk_quota from the config")
     parser.add_argument("--free", metavar="SIZE", help="free space to assume (default: measured)")
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="plan training for a GPU of this memory, e.g. 80GB "
+                        "(default: gpu_memory from the config, else the visible GPU); decides gradient_checkpointing: auto")
     parser.add_argument("--tsv", metavar="FILE", help="also write the timeline as TSV")
     parser.add_argument("--resources", action="store_true",
                         help="also print the threads, mem_mb, disk_mb, runtime and GPUs each job requests on a cluster")
@@ -56,6 +58,8 @@ def run(args) -> int:
     args.targets = list(args.targets) + [c for c in args.config if "=" not in c]
     try:
         overrides = parse_config_args([c for c in args.config if "=" in c])
+        if args.gpu_memory:
+            overrides["gpu_memory"] = args.gpu_memory
     except ValueError as e:
         print(f"error: --config: {e}", file=sys.stderr)
         return 2
