@@ -32,3 +32,6 @@ include: "rules/ide.smk"
 rule all:
     input:
         get_final_outputs(),
+
+
+check_command_line_targets()

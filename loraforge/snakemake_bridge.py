@@ -9,6 +9,7 @@ Used by `loraforge plan` (build_dag, plan_for_targets) and by the Snakefile's on
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -162,3 +163,32 @@ def keeps_temp_files(workflow) -> bool:
 def is_touch_run(workflow) -> bool:
     """--touch only updates timestamps: nothing is trained, deleted or written."""
     return bool(getattr(workflow, "touch", False))
+
+
+def command_line_arguments():
+    """The `snakemake` command line this process runs, parsed by Snakemake's own parser; None
+    in any other process (`loraforge plan` builds its DAG through the API)."""
+    if Path(sys.argv[0]).name != "snakemake" and not sys.argv[0].endswith("snakemake/__main__.py"):
+        return None
+    try:
+        from snakemake.cli import get_argument_parser
+
+        return get_argument_parser().parse_args(sys.argv[1:])
+    except (Exception, SystemExit):  # noqa: BLE001 - Snakemake itself reports a bad command line
+        return None
+
+
+def command_line_targets() -> list[str]:
+    """The targets given on the `snakemake` command line ([] when none, or not that CLI)."""
+    args = command_line_arguments()
+    return sorted(args.targets or []) if args is not None else []
+
+
+def output_patterns(workflow) -> list[str]:
+    """Every rule's output patterns, e.g. `results/{model}/{quant}.gguf`."""
+    return [str(o) for rule in workflow.rules for o in rule.output]
+
+
+def has_producer(workflow, target: str) -> bool:
+    """Whether a rule makes `target` (its patterns and wildcard constraints match)."""
+    return any(rule.is_producer(target) for rule in workflow.rules)

@@ -12,11 +12,13 @@ import loraforge.config as lfconfig
 import loraforge.continue_config as lfcontinue
 import loraforge.plan.intermediate as lfintermediate
 import loraforge.resources as lfresources
-from loraforge import workflow_hooks
+import loraforge.suggest as lfsuggest
+from loraforge import snakemake_bridge, workflow_hooks
 from loraforge.train_monitor import NOT_RECORDED
 
 try:
-    config = lfconfig.validate(config)
+    # the file each error's line is looked up in; a key it lacks came from --config
+    config = lfconfig.validate(config, source=(workflow.configfiles or ["config.yaml"])[-1])
     lfconfig.check_paths(config)
 except lfconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
@@ -224,6 +226,36 @@ def adapter_gguf_source(model):
     if reason:
         raise WorkflowError(f"results/{model}/adapter.gguf: {reason}")
     return f"results/{model}/adapter"
+
+
+def buildable_files(model):
+    """What `snakemake results/<model>/...` can build for a model (for error messages)."""
+    values = {"quant": FINAL_QUANTS, "intermediate": INTERMEDIATE_TYPES}
+    return lfsuggest.expand_patterns(
+        snakemake_bridge.output_patterns(workflow), model, values
+    )
+
+
+def check_command_line_targets():
+    """A file target that no rule makes fails before the DAG is built, naming the nearest
+    buildable file and what can be built for its model (instead of Snakemake's
+    MissingRuleException). Called at the end of the Snakefile, once every rule exists."""
+    rule_names = {r.name for r in workflow.rules}
+    for target in snakemake_bridge.command_line_targets():
+        if target in rule_names or os.path.exists(target):
+            continue
+        if snakemake_bridge.has_producer(workflow, target):
+            continue
+        known_quants = lfconfig.load_schema()["$defs"]["quant_type"]["enum"]
+        raise WorkflowError(
+            lfsuggest.missing_target_message(
+                os.path.normpath(target),
+                MODELS,
+                buildable_files,
+                known_quants,
+                EXPORT["quants"],
+            )
+        )
 
 
 def get_final_outputs():
