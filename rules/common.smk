@@ -18,7 +18,9 @@ from loraforge.train_monitor import NOT_RECORDED
 
 try:
     # the file each error's line is looked up in; a key it lacks came from --config
-    config = lfconfig.validate(config, source=(workflow.configfiles or ["config.yaml"])[-1])
+    config = lfconfig.validate(
+        config, source=(workflow.configfiles or ["config.yaml"])[-1]
+    )
     lfconfig.check_paths(config)
 except lfconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
@@ -239,7 +241,8 @@ def buildable_files(model):
 def check_command_line_targets():
     """A file target that no rule makes fails before the DAG is built, naming the nearest
     buildable file and what can be built for its model (instead of Snakemake's
-    MissingRuleException). Called at the end of the Snakefile, once every rule exists."""
+    MissingRuleException). Called at the end of the Snakefile, once every rule exists.
+    """
     rule_names = {r.name for r in workflow.rules}
     for target in snakemake_bridge.command_line_targets():
         if target in rule_names or os.path.exists(target):
