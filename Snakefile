@@ -13,9 +13,6 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-report: "report/workflow.rst"
-
-
 include: "rules/common.smk"
 include: "rules/base.smk"
 include: "rules/data.smk"
@@ -27,6 +24,9 @@ include: "rules/hub.smk"
 include: "rules/quality.smk"
 include: "rules/report.smk"
 include: "rules/ide.smk"
+
+
+report: report_description()
 
 
 rule all:

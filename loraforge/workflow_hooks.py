@@ -14,12 +14,11 @@ on_start
      (`loraforge.gguf.release_decision`).
 on_finish
   stops the sampler and writes the measured timeline (TSV + PNG) next to the plan; removes
-  the consumers files.
+  the consumers files; after a successful run writes results/summary.html.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -273,7 +272,14 @@ def _start_sampler(config, plan) -> None:
     tsv = DISK_LOG_DIR / f"{stamp}.tsv"
     sampler = DiskSampler(_measured_paths(config), tsv)
     sampler.start()
-    _state.update(sampler=sampler, tsv=tsv, plan=plan)
+    # what `loraforge status` sets the disk in use against while the run goes (on_finish rewrites it)
+    write_json_atomic(tsv.with_suffix(".json"), _disk_record(config, plan, running=True))
+    _state.update(sampler=sampler, tsv=tsv, plan=plan, config=config)
+
+
+def _disk_record(config, plan, **fields) -> dict:
+    return {**fields, "planned_peak_bytes": getattr(plan, "peak_bytes", None),
+            "quota_bytes": getattr(plan, "quota", None), "paths": _measured_paths(config)}
 
 
 def on_finish(workflow, config, logfile=None, success=True) -> None:
@@ -296,13 +302,25 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
     measured = diskmon.peak(tsv)
     (DISK_LOG_DIR / "latest.tsv").unlink(missing_ok=True)
     os.symlink(tsv.name, DISK_LOG_DIR / "latest.tsv")
-    tsv.with_suffix(".json").write_text(
-        json.dumps({"success": success, "measured_peak_bytes": measured, "planned_peak_bytes": planned}, indent=2)
-    )
+    record = _disk_record(_state.pop("config", config), plan, success=success, measured_peak_bytes=measured)
+    write_json_atomic(tsv.with_suffix(".json"), record)
     msg = f"measured peak disk {measured / 1e6:.1f} MB ({tsv}, {png})"
     if planned:
         msg += f"; planned {planned / 1e6:.1f} MB ({100 * (measured - planned) / planned:+.1f}%)"
     _say(msg)
+    if success:
+        _write_summary_page(config)
+
+
+def _write_summary_page(config) -> None:
+    """results/summary.html, the run's tables and curves (loraforge.summary_page); a page that
+    cannot be written costs a warning, never the run."""
+    from loraforge.summary_page import write_summary
+
+    try:
+        _say(f"summary of the run: {write_summary(config)} (also the landing page of snakemake --report)")
+    except Exception as e:  # noqa: BLE001 - the run's artifacts are all in place already
+        _say(f"WARNING: could not write the summary page: {type(e).__name__}: {e}")
 
 
 # `loraforge restore-adapter ARCHIVE`

@@ -13,6 +13,7 @@ import loraforge.continue_config as lfcontinue
 import loraforge.plan.intermediate as lfintermediate
 import loraforge.resources as lfresources
 import loraforge.suggest as lfsuggest
+import loraforge.summary_page as lfsummary
 from loraforge import snakemake_bridge, workflow_hooks
 from loraforge.train_monitor import NOT_RECORDED
 
@@ -24,6 +25,8 @@ try:
     lfconfig.check_paths(config)
 except lfconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
+
+snakemake_bridge.shorten_params_reasons()  # the fields that changed, not two whole dicts
 
 MODELS = list(config["models"])
 EXPORT = config["export"]
@@ -259,6 +262,14 @@ def check_command_line_targets():
                 EXPORT["quants"],
             )
         )
+
+
+def report_description():
+    """The report's landing page: with the run's summary inline (results/summary.html, written
+    at the end of every successful run) once there is one."""
+    if os.path.exists(lfsummary.SUMMARY_PAGE):
+        return "report/workflow-summary.rst"
+    return "report/workflow.rst"
 
 
 def get_final_outputs():
