@@ -248,6 +248,7 @@ def on_start(workflow, config, logfile=None) -> None:
         merge_mode.write_decision(plan.merge_mode, reason)
         _say(f"export.merge_mode auto: this run merges in {plan.merge_mode} mode ({reason})")
     _state["manifests"] = write_release_manifests(workflow, config)
+    _state["ran_jobs"] = True  # not a --touch run: the summary page is written at the end
     _start_sampler(config, plan)
 
 
@@ -290,8 +291,13 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
         except OSError:
             pass
     sampler = _state.pop("sampler", None)
-    if sampler is None:
-        return
+    if sampler is not None:
+        _finish_disk_record(config, sampler, success)
+    if success and _state.pop("ran_jobs", False):
+        _write_summary_page(config)
+
+
+def _finish_disk_record(config, sampler, success: bool) -> None:
     sampler.stop()
     tsv, plan = _state.pop("tsv"), _state.pop("plan", None)
     from loraforge import diskmon
@@ -308,8 +314,6 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
     if planned:
         msg += f"; planned {planned / 1e6:.1f} MB ({100 * (measured - planned) / planned:+.1f}%)"
     _say(msg)
-    if success:
-        _write_summary_page(config)
 
 
 def _write_summary_page(config) -> None:
