@@ -89,6 +89,9 @@ def build_dag(snakefile: str | os.PathLike = "Snakefile", targets: Iterable[str]
             workdir=workdir,
         )
         dag_api = wf_api.dag(DAGSettings(targets=frozenset(targets)))
+        check = wf_api._workflow.globals.get("check_targets")  # rules/common.smk: suggestions
+        if check is not None:
+            check(list(targets))
         dag_api.execute_workflow(executor="dryrun")
         workflow = wf_api._workflow
     workflow._lf_workdir = str(workdir)

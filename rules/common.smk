@@ -241,13 +241,12 @@ def buildable_files(model):
     )
 
 
-def check_command_line_targets():
+def check_targets(targets):
     """A file target that no rule makes fails before the DAG is built, naming the nearest
     buildable file and what can be built for its model (instead of Snakemake's
-    MissingRuleException). Called at the end of the Snakefile, once every rule exists.
-    """
+    MissingRuleException)."""
     rule_names = {r.name for r in workflow.rules}
-    for target in snakemake_bridge.command_line_targets():
+    for target in targets:
         if target in rule_names or os.path.exists(target):
             continue
         if snakemake_bridge.has_producer(workflow, target):
@@ -262,6 +261,12 @@ def check_command_line_targets():
                 EXPORT["quants"],
             )
         )
+
+
+def check_command_line_targets():
+    """check_targets for the `snakemake` command's targets; called at the end of the Snakefile,
+    once every rule exists (`loraforge plan` calls check_targets itself)."""
+    check_targets(snakemake_bridge.command_line_targets())
 
 
 def report_description():

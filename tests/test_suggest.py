@@ -88,3 +88,14 @@ def test_unknown_target_suggests_what_can_be_built(workdir, target, expected):
 def test_buildable_target_still_plans(workdir):
     run = run_snakemake(workdir, "-n", "results/tiny/Q5_K_M.gguf")
     assert "quantize_gguf" in run.stdout + run.stderr
+
+
+def test_plan_of_an_unknown_target_suggests_too(workdir):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "loraforge.cli", "plan", "--snakefile", str(REPO / "Snakefile"),
+                          "results/tiny/Q5_KM.gguf"], cwd=workdir, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0
+    assert "did you mean results/tiny/Q5_K_M.gguf?" in run.stdout + run.stderr, run.stderr[-2000:]
