@@ -20,16 +20,23 @@ from loraforge.run_summary import cost_row
 
 SUMMARY_PAGE = Path("results") / "summary.html"
 DISK_LOG_DIR = Path("logs") / "disk"
+# memory.tsv's columns in GiB (the byte columns and the file's path are in the file)
+MEMORY_COLUMNS = ["quant", "num_ctx", "file_gib", "kv_cache_gib", "total_gib", "min_ram_gib", "recommended_ram_gib"]
 
-# Tailwind's `prose max-w-lg` of the report's landing page would squeeze the tables into 32rem.
+# On the report's landing page: Tailwind's `prose max-w-lg` would squeeze the tables into 32rem,
+# and its content box centres what it holds, so a page taller or wider than the window would be
+# cut off at the top and left (out of scroll reach).
 STYLE = """<style>
-.prose.max-w-lg { max-width: none !important; }
-.lf-summary { font-family: system-ui, sans-serif; font-size: 14px; color: #1f2937; }
-.lf-summary table { border-collapse: collapse; margin: 0.4em 0 1em 0; font-size: 13px; }
+.prose.max-w-lg:has(.lf-summary) { max-width: none !important; }
+div.justify-center:has(.lf-summary) { justify-content: flex-start !important; align-items: flex-start !important; }
+.lf-summary { font-family: system-ui, sans-serif; font-size: 14px; color: #1f2937; max-width: min(1100px, calc(100vw - 320px)); }
+.lf-summary .lf-table { overflow-x: auto; max-width: 100%; }
+.lf-summary table { border-collapse: collapse; margin: 0.4em 0 1em 0; font-size: 13px; width: auto; }
 .lf-summary th, .lf-summary td { border: 1px solid #d1d5db; padding: 3px 8px; text-align: right; }
 .lf-summary th { background: #f3f4f6; }
 .lf-summary td:first-child, .lf-summary th:first-child { text-align: left; }
-.lf-summary img { max-width: 640px; border: 1px solid #e5e7eb; }
+.lf-summary img { max-width: 640px; width: 100%; border: 1px solid #e5e7eb; }
+.lf-summary .lf-caption { margin: 0.8em 0 0 0; color: #4b5563; }
 .lf-summary .verdict-ok { color: #047857; } .lf-summary .verdict-warn { color: #b45309; }
 </style>"""
 
@@ -44,12 +51,15 @@ def _cell(value: str) -> str:
     return f"{number:.4g}"
 
 
-def table_html(rows: list[dict], caption: str) -> str:
+def table_html(rows: list[dict], caption: str, columns: list[str] | None = None) -> str:
+    """An HTML table of `rows` (their `columns` where given), scrolling sideways when too wide."""
     if not rows:
         return ""
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{_cell(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><caption style='text-align:left'>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
+    columns = [c for c in (columns or list(rows[0])) if c in rows[0]]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
+    return (f"<p class='lf-caption'>{html.escape(caption)}</p>"
+            f"<div class='lf-table'><table><tr>{head}</tr>{body}</table></div>")
 
 
 def read_tsv(path: Path) -> list[dict]:
@@ -101,7 +111,8 @@ def model_section(model: str, config: dict, workdir: Path) -> str:
              table_html(read_tsv(d / "quality.tsv"), f"Quality of each quant against 16-bit ({model}/quality.tsv)"),
              conventions_headline(conventions),
              table_html(conventions, f"Conventions score ({model}/conventions.tsv)"),
-             table_html(read_tsv(d / "memory.tsv"), f"RAM each quant needs ({model}/memory.tsv)")]
+             table_html(read_tsv(d / "memory.tsv"), f"RAM each quant needs at ollama.num_ctx ({model}/memory.tsv)",
+                        MEMORY_COLUMNS)]
     metrics = d / "train" / "metrics.json"
     if metrics.exists():
         gpus = resources.resource(config, "train_adapter", "gpu", model=model)
