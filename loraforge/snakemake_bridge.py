@@ -192,6 +192,12 @@ def output_patterns(workflow) -> list[str]:
     return [str(o) for rule in workflow.rules for o in rule.output]
 
 
+def default_storage_provider(workflow) -> str | None:
+    """The run's --default-storage-provider (the Kubernetes profile's bucket), or None."""
+    settings = getattr(workflow, "storage_settings", None)
+    return getattr(settings, "default_storage_provider", None)
+
+
 def has_producer(workflow, target: str) -> bool:
     """Whether a rule makes `target` (its patterns and wildcard constraints match)."""
     return any(rule.is_producer(target) for rule in workflow.rules)

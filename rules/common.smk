@@ -245,10 +245,18 @@ def check_targets(targets):
     """A file target that no rule makes fails before the DAG is built, naming the nearest
     buildable file and what can be built for its model (instead of Snakemake's
     MissingRuleException)."""
+    if snakemake_bridge.default_storage_provider(workflow):
+        return  # remote storage: outputs are storage paths; Snakemake's own message stands
     rule_names = {r.name for r in workflow.rules}
     for target in targets:
         if target in rule_names or os.path.exists(target):
             continue
+        relative = os.path.relpath(target) if os.path.isabs(target) else target
+        if relative != target and snakemake_bridge.has_producer(workflow, relative):
+            raise WorkflowError(
+                f"{target}: give targets relative to the working directory: {relative}"
+            )
+        target = relative
         if snakemake_bridge.has_producer(workflow, target):
             continue
         known_quants = lfconfig.load_schema()["$defs"]["quant_type"]["enum"]
