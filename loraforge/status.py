@@ -26,8 +26,16 @@ _ERROR = re.compile(r"^Error in rule (\S+):")
 
 
 def latest_snakemake_log(workdir: Path) -> Path | None:
+    """The newest log of a run that executes jobs (`--report`, `--unlock` and the like write logs
+    too); the newest log at all while a run is starting."""
     logs = sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
-    return logs[-1] if logs else None
+    if logs and is_running(workdir):
+        return logs[-1]
+    for log in reversed(logs):
+        text = log.read_text(errors="replace")
+        if "Select jobs to execute" in text or "Nothing to be done" in text:
+            return log
+    return None
 
 
 def read_jobs(log: Path) -> dict:
