@@ -67,6 +67,7 @@ def workdir(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow  # real Snakemake runs (each stops while parsing: seconds)
 @pytest.mark.parametrize(
     "target, expected",
     [
@@ -85,11 +86,13 @@ def test_unknown_target_suggests_what_can_be_built(workdir, target, expected):
     assert "MissingRuleException" not in out
 
 
+@pytest.mark.slow
 def test_buildable_target_still_plans(workdir):
     run = run_snakemake(workdir, "-n", "results/tiny/Q5_K_M.gguf")
     assert "quantize_gguf" in run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_plan_of_an_unknown_target_suggests_too(workdir):
     import subprocess
     import sys
