@@ -13,9 +13,6 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-report: "report/workflow.rst"
-
-
 include: "rules/common.smk"
 include: "rules/base.smk"
 include: "rules/data.smk"
@@ -29,6 +26,12 @@ include: "rules/report.smk"
 include: "rules/ide.smk"
 
 
+report: report_description()
+
+
 rule all:
     input:
         get_final_outputs(),
+
+
+check_command_line_targets()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a fresh machine: virtualenv, pinned dependencies, llama.cpp (the library of
 # the llama-cpp-python sdist), llama.cpp's HF->GGUF converter from the same sdist, Go (for the
-# Ollama template test), then the main job on the tiny default. Idempotent: a second run
+# Ollama template test), Chromium (for the report test), then the main job on the tiny default. Idempotent: a second run
 # installs and rebuilds nothing.
 #
 #   ./setup.sh              # set up, then: snakemake --cores 1 (the tiny default target)
@@ -99,6 +99,22 @@ if ! command -v go >/dev/null; then
     fi
   else
     echo "note: Go not found and apt-get unavailable (or not root): the Ollama template test will be skipped"
+  fi
+fi
+
+# Chromium renders the HTML report in the report test (tests/test_report.py) and makes
+# docs/report.png. Debian's chromium, installed only as root with apt available; elsewhere that
+# test is skipped.
+if ! command -v chromium >/dev/null; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    step "installing Chromium (Debian chromium) for the report test"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { apt-get install -y -q --no-install-recommends chromium >/dev/null ||
+           { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }; then
+      echo "warning: could not install chromium; the report's browser test will be skipped" >&2
+    fi
+  else
+    echo "note: chromium not found and apt-get unavailable (or not root): the report's browser test will be skipped"
   fi
 fi
 

@@ -1,6 +1,8 @@
-"""The `loraforge` console script. Each subcommand lives in its own module, which exposes
-`add_arguments(parser)` and `run(args) -> int`; modules are imported lazily so `--help`
-stays fast and a broken optional dependency only breaks its own subcommand."""
+"""The `loraforge` console script: the pipeline's tools outside Snakemake.
+
+Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
+`run(args) -> int`; modules are imported lazily so `--help` stays fast and a broken optional
+dependency only breaks its own subcommand."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "merge": ("loraforge.merge.cli", "stream a LoRA adapter into 16-bit safetensors shards"),
     "plan": ("loraforge.plan.cli", "preview the jobs of a target and their peak disk against the quota"),
+    "status": ("loraforge.status", "what the run in a folder is doing: jobs, training step and ETA, disk, GPU memory"),
     "check-modelfile": ("loraforge.modelfile", "validate an Ollama Modelfile with Ollama's parser rules"),
     "inspect-gguf": ("loraforge.gguf", "print a GGUF's metadata and check it"),
     "restore-adapter": ("loraforge.workflow_hooks", "put an archived adapter and its training reports back"),
@@ -19,7 +22,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraforge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="loraforge", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)

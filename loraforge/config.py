@@ -16,6 +16,7 @@ from loraforge import data_sources
 from loraforge.constants import NEEDS_IMATRIX
 from loraforge.errors import UserError
 from loraforge.fileio import read_hf_config
+from loraforge.suggest import unknown_key_hint, yaml_line
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -62,16 +63,44 @@ def _field(path) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _describe(error) -> str:
-    """One readable line for a jsonschema error, naming the field."""
+def _where(path: list, source) -> str:
+    line = yaml_line(path, source)
+    return f" ({Path(source).name} line {line})" if line else ""
+
+
+def _unexpected_keys(error, schema: dict, source) -> str:
+    """`'rank' was unexpected (config.yaml line 14): did you mean 'r'?`, one per unknown key."""
+    path = list(error.path)
+    allowed = list((error.schema.get("properties") or {}))
+    unknown = [k for k in error.instance if k not in allowed]
+    parts = []
+    for key in unknown:
+        line = yaml_line(path + [key], source)
+        from_command_line = bool(source) and line is None
+        hint = unknown_key_hint(key, allowed, path, schema, error.instance[key], from_command_line)
+        where = f" ({Path(source).name} line {line})" if line else (" (from --config)" if from_command_line else "")
+        parts.append(f"{_field(path)}: '{key}' was unexpected{where}: {hint}")
+    return "\n  ".join(parts)
+
+
+def _describe(error, schema: dict | None = None, source=None) -> str:
+    """One readable line for a jsonschema error, naming the field (and its line in `source`)."""
     if error.validator == "oneOf" and list(error.path)[-1:] == ["base"]:
-        return f"{_field(error.path)}: give exactly one of build, hub or path (got {', '.join(sorted(error.instance))})"
+        return (f"{_field(error.path)}: give exactly one of build, hub or path (got {', '.join(sorted(error.instance))})"
+                + _where(list(error.path), source))
     if error.validator == "oneOf" and all(list(s) == ["required"] for s in error.validator_value):
         keys = " or ".join(s["required"][0] for s in error.validator_value)  # e.g. a data.samples entry
-        return f"{_field(error.absolute_path)}: give exactly one of {keys} (got {', '.join(sorted(error.instance))})"
+        return (f"{_field(error.absolute_path)}: give exactly one of {keys} (got {', '.join(sorted(error.instance))})"
+                + _where(list(error.absolute_path), source))
     # oneOf/anyOf errors are vague; the deepest sub-error says what is wrong
     if error.context:
-        return _describe(max(error.context, key=lambda e: len(e.path)))
+        return _describe(max(error.context, key=lambda e: len(e.path)), schema, source)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict) and schema is not None:
+        return _unexpected_keys(error, schema, source)
+    return _describe_value(error) + _where(list(error.path), source)
+
+
+def _describe_value(error) -> str:
     if error.validator == "additionalProperties":
         return f"{_field(error.absolute_path)}: {error.message}"
     if error.validator == "enum":
@@ -90,15 +119,21 @@ def parse_size(value: str | int | float) -> int:
         raise ConfigError(f"disk size: {e}") from None
 
 
-def validate(config: dict, schema: dict | None = None) -> dict:
-    """Validate in place (filling defaults) and return the config. Raises ConfigError."""
+def validate(config: dict, schema: dict | None = None, source: str | Path | None = None) -> dict:
+    """Validate in place (filling defaults) and return the config. Raises ConfigError. `source`,
+    the YAML file the config was read from, gives each error its line (and tells keys that came
+    from --config, which it lacks)."""
     schema = schema or load_schema()
     _unbool_checkpointing(config)
     validator = default_filling_validator()(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path)))
+    prefix = f"{source}: " if source else ""
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
-    _check_semantics(config)
+        raise ConfigError(prefix + "invalid configuration:\n  " + "\n  ".join(_describe(e, schema, source) for e in errors))
+    try:
+        _check_semantics(config)
+    except ConfigError as e:
+        raise ConfigError(prefix + str(e)) from None
     return config
 
 
@@ -234,10 +269,7 @@ def load(path: str | Path = "config.yaml", overrides: dict | None = None) -> dic
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if overrides:
         config = deep_merge(config, overrides)
-    try:
-        return validate(config)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return validate(config, source=path)
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -9,6 +9,7 @@ Used by `loraforge plan` (build_dag, plan_for_targets) and by the Snakefile's on
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -88,6 +89,9 @@ def build_dag(snakefile: str | os.PathLike = "Snakefile", targets: Iterable[str]
             workdir=workdir,
         )
         dag_api = wf_api.dag(DAGSettings(targets=frozenset(targets)))
+        check = wf_api._workflow.globals.get("check_targets")  # rules/common.smk: suggestions
+        if check is not None:
+            check(list(targets))
         dag_api.execute_workflow(executor="dryrun")
         workflow = wf_api._workflow
     workflow._lf_workdir = str(workdir)
@@ -162,3 +166,104 @@ def keeps_temp_files(workflow) -> bool:
 def is_touch_run(workflow) -> bool:
     """--touch only updates timestamps: nothing is trained, deleted or written."""
     return bool(getattr(workflow, "touch", False))
+
+
+def command_line_arguments():
+    """The `snakemake` command line this process runs, parsed by Snakemake's own parser; None
+    in any other process (`loraforge plan` builds its DAG through the API)."""
+    if Path(sys.argv[0]).name != "snakemake" and not sys.argv[0].endswith("snakemake/__main__.py"):
+        return None
+    try:
+        from snakemake.cli import get_argument_parser
+
+        return get_argument_parser().parse_args(sys.argv[1:])
+    except (Exception, SystemExit):  # noqa: BLE001 - Snakemake itself reports a bad command line
+        return None
+
+
+def command_line_targets() -> list[str]:
+    """The targets given on the `snakemake` command line ([] when none, or not that CLI)."""
+    args = command_line_arguments()
+    return sorted(args.targets or []) if args is not None else []
+
+
+def output_patterns(workflow) -> list[str]:
+    """Every rule's output patterns, e.g. `results/{model}/{quant}.gguf`."""
+    return [str(o) for rule in workflow.rules for o in rule.output]
+
+
+def default_storage_provider(workflow) -> str | None:
+    """The run's --default-storage-provider (the Kubernetes profile's bucket), or None."""
+    settings = getattr(workflow, "storage_settings", None)
+    return getattr(settings, "default_storage_provider", None)
+
+
+def has_producer(workflow, target: str) -> bool:
+    """Whether a rule makes `target` (its patterns and wildcard constraints match)."""
+    return any(rule.is_producer(target) for rule in workflow.rules)
+
+
+# -- short "Params have changed" reasons ----------------------------------------------------
+REASON_LIMIT = 300  # characters of a params-change reason
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dict_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for key in list(old) + [k for k in new if k not in old]:
+        name = f"{prefix}{key}"
+        if key not in new:
+            changes.append(f"{name} removed")
+        elif key not in old:
+            changes.append(f"{name} added ({_short(new[key])})")
+        elif isinstance(old[key], dict) and isinstance(new[key], dict):
+            changes += _dict_changes(old[key], new[key], f"{name}.")
+        elif old[key] != new[key]:
+            changes.append(f"{name} {_short(old[key])} -> {_short(new[key])}")
+    return changes
+
+
+def params_changes(only_old, only_new) -> str:
+    """`r 8 -> 16, max_steps 3 -> 40`: the fields that differ between the params recorded at the
+    last run and today's, instead of both params printed whole (a dict param is 1,600
+    characters). Snakemake records params as repr strings, unnamed: a changed dict is paired with
+    the new dict that shares the most keys."""
+    old = [_literal(v) for v in sorted(only_old)]
+    new = [_literal(v) for v in sorted(only_new)]
+    changes = []
+    for o in old:
+        if isinstance(o, dict):
+            match = max((n for n in new if isinstance(n, dict)), key=lambda n: len(set(n) & set(o)), default=None)
+            if match is not None and set(match) & set(o):
+                new.remove(match)
+                changes += _dict_changes(o, match) or ["a dict param reordered"]
+                continue
+        changes.append(f"{_short(o)} -> {_short(new.pop(0))}" if new else f"{_short(o)} removed")
+    changes += [f"{_short(n)} added" for n in new]
+    text = ", ".join(changes)
+    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
+
+
+def shorten_params_reasons() -> None:
+    """Make Snakemake's `Params have changed since last execution: ...` reasons (console, dry
+    runs, the adapter guard's messages) name only the fields that changed. Snakemake builds that
+    text in ParamsChange.__str__; this replaces that method for this process."""
+    from snakemake.persistence import ParamsChange
+
+    def __str__(self):  # noqa: N807 - the method being replaced
+        return params_changes(self.only_old, self.only_new) if self else "No params change"
+
+    ParamsChange.__str__ = __str__

@@ -287,7 +287,8 @@ def train(
                 f"has no training version of it ({e}); set train.assistant_only_loss: false to train on every token"
             ) from None
         raise
-    trainer.add_callback(progress_callback())
+    trainer.add_callback(progress_callback(out_dir=out_dir if is_main else None, tokens=lambda: counter.tokens * world,
+                                           console=is_main))  # a line on the terminal too, not only in the log
     clock = StepClock()
     trainer.add_callback(clock.callback)
     if run_peak is not None:

@@ -164,6 +164,8 @@ def run_training(base_dir, train_jsonl, validation_jsonl, adapter_dir, out_dir, 
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
+            if line.startswith("[lora-forge] "):  # rank 0's progress and errors: the terminal too
+                print(line, end="", file=sys.__stderr__, flush=True)
             tail.append(line.rstrip())
     launch_file.unlink(missing_ok=True)
     if proc.returncode != 0:

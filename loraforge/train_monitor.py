@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -107,15 +108,35 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def progress_callback(min_interval_s: float = 10.0):
-    """A TrainerCallback that logs `step k/total, s/step, ETA` (from the steps of this process,
-    so a resumed run's ETA is not skewed) at most every min_interval_s, and the first and last."""
+PROGRESS_FILE = "progress.json"  # in the training's out_dir: read by `loraforge status`
+
+
+def progress_line(model: str | None, step: int, total: int, loss, tokens_per_s, eta_s: float) -> str:
+    """`tiny: step 40/192 (21%), loss 5.1234, 2,345 tokens/s, ETA 1m20s` (the console's form)."""
+    parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if tokens_per_s:
+        parts.append(f"{tokens_per_s:,.0f} tokens/s")
+    parts.append(f"ETA {_duration(eta_s)}")
+    return (f"{model}: " if model else "") + ", ".join(parts)
+
+
+def progress_callback(min_interval_s: float = 10.0, out_dir=None, tokens=None, console: bool = False):
+    """A TrainerCallback for progress at most every min_interval_s (and the first and last step),
+    from the steps of this process, so a resumed run's ETA is not skewed: a `step k/total, s/step,
+    ETA, loss` line in the rule log; with `console` also a `[lora-forge] model: step k/total, loss,
+    tokens/s, ETA` line on the process's original stderr (the rule script's output goes to the
+    log; that stream is Snakemake's terminal); with `out_dir`, `progress.json` there for `loraforge status`.
+    `tokens()` counts the tokens trained so far (for tokens/s)."""
     from transformers import TrainerCallback
+
+    model = Path(out_dir).parent.name if out_dir is not None else None
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.start_step, self.started, self.last_logged = state.global_step, time.time(), 0.0
-            self.last_loss = None
+            self.last_loss, self.start_tokens = None, tokens() if tokens else 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -130,7 +151,8 @@ def progress_callback(min_interval_s: float = 10.0):
             if done != 1 and not last and now - self.last_logged < min_interval_s:
                 return
             self.last_logged = now
-            per_step = (now - self.started) / max(done, 1)
+            elapsed = now - self.started
+            per_step = elapsed / max(done, 1)
             eta = per_step * max(state.max_steps - state.global_step, 0)
             loss = f", loss {self.last_loss:.4f}" if self.last_loss is not None else ""
             log.info(
@@ -138,8 +160,34 @@ def progress_callback(min_interval_s: float = 10.0):
                 state.global_step, state.max_steps, 100 * state.global_step / max(state.max_steps, 1),
                 per_step, _duration(eta), loss,
             )
+            tokens_per_s = (tokens() - self.start_tokens) / elapsed if tokens and elapsed > 0 else None
+            if console:
+                line = progress_line(model, state.global_step, state.max_steps, self.last_loss, tokens_per_s, eta)
+                print(f"[lora-forge] {line}", file=sys.__stderr__, flush=True)
+            if out_dir is not None:
+                write_progress(Path(out_dir) / PROGRESS_FILE, state.global_step, state.max_steps, self.last_loss,
+                               tokens_per_s, per_step, eta)
 
     return Progress()
+
+
+def write_progress(path: Path, step: int, total: int, loss, tokens_per_s, seconds_per_step: float, eta_s: float) -> None:
+    """The training's latest progress, for `loraforge status` (a plain overwrite of a small file;
+    written atomically so a reader never sees half of it)."""
+    record = {"step": step, "total": total, "loss": loss, "tokens_per_s": tokens_per_s,
+              "seconds_per_step": seconds_per_step, "eta_seconds": eta_s, "updated": time.time()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            record["gpu_memory_gib"] = torch.cuda.memory_allocated() / 2**30
+            record["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        write_json_atomic(path, record)
+    except OSError as e:  # a full disk must not stop training for a progress file
+        log.warning("could not write %s: %s", path, e)
 
 
 # Steps left out of the steady s/step (kernel compilation, autotuning, allocator warm-up).

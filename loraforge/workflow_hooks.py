@@ -14,7 +14,7 @@ on_start
      (`loraforge.gguf.release_decision`).
 on_finish
   stops the sampler and writes the measured timeline (TSV + PNG) next to the plan; removes
-  the consumers files.
+  the consumers files; after a successful run writes results/summary.html.
 """
 
 from __future__ import annotations
@@ -332,6 +332,7 @@ def _on_start(workflow, config) -> None:
         merge_mode.write_decision(plan.merge_mode, reason)
         _say(f"export.merge_mode auto: this run merges in {plan.merge_mode} mode ({reason})")
     _state["manifests"] = write_release_manifests(workflow, config)
+    _state["ran_jobs"] = True  # not a --touch run: the summary page is written at the end
     _start_sampler(config, plan)
 
 
@@ -356,7 +357,14 @@ def _start_sampler(config, plan) -> None:
     tsv = DISK_LOG_DIR / f"{stamp}.tsv"
     sampler = DiskSampler(_measured_paths(config), tsv)
     sampler.start()
-    _state.update(sampler=sampler, tsv=tsv, plan=plan)
+    # what `loraforge status` sets the disk in use against while the run goes (on_finish rewrites it)
+    write_json_atomic(tsv.with_suffix(".json"), _disk_record(config, plan, running=True))
+    _state.update(sampler=sampler, tsv=tsv, plan=plan, config=config)
+
+
+def _disk_record(config, plan, **fields) -> dict:
+    return {**fields, "planned_peak_bytes": getattr(plan, "peak_bytes", None),
+            "quota_bytes": getattr(plan, "quota", None), "paths": _measured_paths(config)}
 
 
 def on_finish(workflow, config, logfile=None, success=True) -> None:
@@ -367,8 +375,13 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
         except OSError:
             pass
     sampler = _state.pop("sampler", None)
-    if sampler is None:
-        return
+    if sampler is not None:
+        _finish_disk_record(config, sampler, success)
+    if success and _state.pop("ran_jobs", False):
+        _write_summary_page(config)
+
+
+def _finish_disk_record(config, sampler, success: bool) -> None:
     sampler.stop()
     tsv, plan = _state.pop("tsv"), _state.pop("plan", None)
     from loraforge import diskmon
@@ -379,13 +392,23 @@ def on_finish(workflow, config, logfile=None, success=True) -> None:
     measured = diskmon.peak(tsv)
     (DISK_LOG_DIR / "latest.tsv").unlink(missing_ok=True)
     os.symlink(tsv.name, DISK_LOG_DIR / "latest.tsv")
-    tsv.with_suffix(".json").write_text(
-        json.dumps({"success": success, "measured_peak_bytes": measured, "planned_peak_bytes": planned}, indent=2)
-    )
+    record = _disk_record(_state.pop("config", config), plan, success=success, measured_peak_bytes=measured)
+    write_json_atomic(tsv.with_suffix(".json"), record)
     msg = f"measured peak disk {measured / 1e6:.1f} MB ({tsv}, {png})"
     if planned:
         msg += f"; planned {planned / 1e6:.1f} MB ({100 * (measured - planned) / planned:+.1f}%)"
     _say(msg)
+
+
+def _write_summary_page(config) -> None:
+    """results/summary.html, the run's tables and curves (loraforge.summary_page); a page that
+    cannot be written costs a warning, never the run."""
+    from loraforge.summary_page import write_summary
+
+    try:
+        _say(f"summary of the run: {write_summary(config)} (also the landing page of snakemake --report)")
+    except Exception as e:  # noqa: BLE001 - the run's artifacts are all in place already
+        _say(f"WARNING: could not write the summary page: {type(e).__name__}: {e}")
 
 
 # `loraforge restore-adapter ARCHIVE`

@@ -13,14 +13,21 @@ import loraforge.continue_config as lfcontinue
 import loraforge.data_sources as lfdata
 import loraforge.plan.intermediate as lfintermediate
 import loraforge.resources as lfresources
-from loraforge import workflow_hooks
+import loraforge.suggest as lfsuggest
+import loraforge.summary_page as lfsummary
+from loraforge import snakemake_bridge, workflow_hooks
 from loraforge.train_monitor import NOT_RECORDED
 
 try:
-    config = lfconfig.validate(config)
+    # the file each error's line is looked up in; a key it lacks came from --config
+    config = lfconfig.validate(
+        config, source=(workflow.configfiles or ["config.yaml"])[-1]
+    )
     lfconfig.check_paths(config)
 except lfconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
+
+snakemake_bridge.shorten_params_reasons()  # the fields that changed, not two whole dicts
 
 MODELS = list(config["models"])
 EXPORT = config["export"]
@@ -237,6 +244,58 @@ def adapter_gguf_source(model):
     if reason:
         raise WorkflowError(f"results/{model}/adapter.gguf: {reason}")
     return f"results/{model}/adapter"
+
+
+def buildable_files(model):
+    """What `snakemake results/<model>/...` can build for a model (for error messages)."""
+    values = {"quant": FINAL_QUANTS, "intermediate": INTERMEDIATE_TYPES}
+    return lfsuggest.expand_patterns(
+        snakemake_bridge.output_patterns(workflow), model, values
+    )
+
+
+def check_targets(targets):
+    """A file target that no rule makes fails before the DAG is built, naming the nearest
+    buildable file and what can be built for its model (instead of Snakemake's
+    MissingRuleException)."""
+    if snakemake_bridge.default_storage_provider(workflow):
+        return  # remote storage: outputs are storage paths; Snakemake's own message stands
+    rule_names = {r.name for r in workflow.rules}
+    for target in targets:
+        if target in rule_names or os.path.exists(target):
+            continue
+        relative = os.path.relpath(target) if os.path.isabs(target) else target
+        if relative != target and snakemake_bridge.has_producer(workflow, relative):
+            raise WorkflowError(
+                f"{target}: give targets relative to the working directory: {relative}"
+            )
+        target = relative
+        if snakemake_bridge.has_producer(workflow, target):
+            continue
+        known_quants = lfconfig.load_schema()["$defs"]["quant_type"]["enum"]
+        raise WorkflowError(
+            lfsuggest.missing_target_message(
+                os.path.normpath(target),
+                MODELS,
+                buildable_files,
+                known_quants,
+                EXPORT["quants"],
+            )
+        )
+
+
+def check_command_line_targets():
+    """check_targets for the `snakemake` command's targets; called at the end of the Snakefile,
+    once every rule exists (`loraforge plan` calls check_targets itself)."""
+    check_targets(snakemake_bridge.command_line_targets())
+
+
+def report_description():
+    """The report's landing page: with the run's summary inline (results/summary.html, written
+    at the end of every successful run) once there is one."""
+    if os.path.exists(lfsummary.SUMMARY_PAGE):
+        return "report/workflow-summary.rst"
+    return "report/workflow.rst"
 
 
 def get_final_outputs():

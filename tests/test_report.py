@@ -60,3 +60,59 @@ def test_cost_row_prices_gpu_hours(tmp_path):
     assert row["gpu_hours"] == 4.0 and row["cost_usd"] == 10.0
     assert row["export_minutes"] == 1.5 and row["export_jobs"] == 2
 
+
+
+def _screenshot_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lf_screenshot", REPO / "docs" / "screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# what the landing page must show as tables (header cells), per model and for the run
+SUMMARY_HEADERS = ["kld_mean", "same_top_pct", "score_pct", "mean_margin", "min_ram_gib", "gpu_hours", "export_minutes"]
+
+
+@pytest.mark.slow
+def test_summary_page_is_written_and_is_the_reports_landing_page(pipeline, tmp_path):
+    """Any target of a model gives a report whose landing page holds the run's summary: the loss
+    verdict and curve, quality, conventions, memory and cost tables, the disk timeline."""
+    summary = (pipeline / "results" / "summary.html").read_text()
+    for model in ("tiny", "tiny-moe"):
+        assert f"id='model-{model}'" in summary
+    for header in SUMMARY_HEADERS:
+        assert f"<th>{header}</th>" in summary, header
+    assert "Loss verdict: <b" in summary and summary.count("data:image/png;base64,") >= 3  # 2 curves + disk
+
+    work = clone_pipeline(pipeline, tmp_path / "work")
+    run_snakemake(work, "--report", "r.html", "results/tiny/Q5_K_M.gguf")
+    html = (work / "r.html").read_text(errors="replace")
+    assert "lora-forge run summary" in html and "kld_mean" in html and "score_pct" in html
+
+
+@pytest.mark.slow
+def test_report_tables_are_visible_in_a_real_browser(pipeline, tmp_path):
+    """Headless Chromium opens the report (a React page) and the landing page shows the summary's
+    tables: rendered, non-empty boxes holding the quality and conventions numbers."""
+    shot = _screenshot_module()
+    if shot.chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium; setup.sh does as root)")
+    work = clone_pipeline(pipeline, tmp_path / "work")
+    run_snakemake(work, "--report", "r.html", "results/tiny/Q5_K_M.gguf")
+    with shot.Browser() as browser:
+        browser.open(work / "r.html", settle_s=4)
+        tables = browser.evaluate("""(() => [...document.querySelectorAll('.lf-summary table')].map(t => {
+            const box = t.getBoundingClientRect(), style = getComputedStyle(t);
+            return {text: t.innerText, width: box.width, height: box.height,
+                    visible: style.display !== 'none' && style.visibility !== 'hidden' && t.offsetParent !== null}; }))()""")
+        png = browser.screenshot(tmp_path / "report.png")
+    assert tables, "the landing page shows no summary table"
+    assert all(t["visible"] and t["width"] > 200 and t["height"] > 30 for t in tables), tables
+    text = "\n".join(t["text"] for t in tables)
+    assert "kld_mean" in text and "Q5_K_M" in text and "score_pct" in text and "base" in text
+    quality = csv.DictReader((work / "results" / "tiny" / "quality.tsv").open(), delimiter="\t")
+    ppl = f"{float(next(quality)['ppl']):.4g}"
+    assert ppl in text, (ppl, text[:2000])  # the numbers themselves, not only the headers
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -313,6 +314,12 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tin
     assert [r["step"] for r in rows if r["eval_loss"]] == ["2", "4"]
     assert [e["step"] for e in metrics["eval_losses"]] == [2, 4]
     assert "step 4/4" in log and "s/step" in log and "ETA" in log
+    # the terminal's line (the process's stderr: Snakemake shows it) and the file `loraforge status` reads
+    console = [line for line in log.splitlines() if line.startswith("[lora-forge] run: step ")]
+    assert console and re.fullmatch(r"\[lora-forge\] run: step 4/4 \(100%\), loss [0-9.]+, [0-9,]+ tokens/s, ETA 0m00s",
+                                    console[-1]), console
+    progress = json.loads((tmp_path / "run" / "train" / "progress.json").read_text())
+    assert (progress["step"], progress["total"]) == (4, 4) and progress["tokens_per_s"] > 0
 
 
 # ---------------------------------------------------------------------------------------------

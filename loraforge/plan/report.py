@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 
 from loraforge.plan.model import Plan
 from loraforge.sizes import human
@@ -39,17 +40,40 @@ def format_timeline(plan: Plan) -> str:
     return format_table(rows, right={len(head) - 3, len(head) - 2, len(head) - 1})
 
 
-def format_table(rows: list[tuple], right: set[int] = frozenset()) -> str:
+TABLE_WIDTH = 120  # a terminal's width: wider tables wrap their longest text columns
+
+
+def format_table(rows: list[tuple], right: set[int] = frozenset(), width: int = TABLE_WIDTH) -> str:
     """Rows as aligned text columns, the first row a header underlined with dashes (`right`:
-    the columns aligned right)."""
-    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    the columns aligned right). Wider than `width`, the widest left-aligned columns wrap onto
+    continuation lines (the other cells of those lines blank)."""
+    rows = [tuple(str(v) for v in r) for r in rows]
+    widths = _fit_widths(rows, [max(len(r[c]) for r in rows) for c in range(len(rows[0]))], right, width)
     lines = []
     for n, r in enumerate(rows):
-        cells = [str(v).rjust(widths[c]) if c in right else str(v).ljust(widths[c]) for c, v in enumerate(r)]
-        lines.append("  ".join(cells).rstrip())
+        wrapped = [textwrap.wrap(v, widths[c], break_on_hyphens=False) or [""] if c not in right else [v]
+                   for c, v in enumerate(r)]
+        for k in range(max(map(len, wrapped))):
+            cells = [(w[k] if k < len(w) else "") for w in wrapped]
+            cells = [v.rjust(widths[c]) if c in right else v.ljust(widths[c]) for c, v in enumerate(cells)]
+            lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _fit_widths(rows: list[tuple], widths: list[int], right: set[int], width: int, narrowest: int = 16) -> list[int]:
+    """Narrow the widest left-aligned column, one character at a time, until the table fits:
+    first down to its longest word (text wraps at spaces), then further (a path breaks anywhere)."""
+    widths = list(widths)
+    longest_word = [max((len(w) for r in rows[1:] for w in r[c].split()), default=0) for c in range(len(widths))]
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        wrappable = [c for c in range(len(widths)) if c not in right and widths[c] > narrowest]
+        wrappable = [c for c in wrappable if widths[c] > longest_word[c]] or wrappable
+        if not wrappable:
+            break
+        widths[max(wrappable, key=lambda c: widths[c])] -= 1
+    return widths
 
 
 def format_summary(plan: Plan) -> str:
