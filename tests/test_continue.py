@@ -118,7 +118,7 @@ def test_continue_block_is_schema_validated():
     assert lfconfig.uses_fim(cfg, "tiny") and not lfconfig.uses_fim(cfg, "tiny-moe")
     for overrides, message in [
         ({"continue": {"chat_model": "40b"}}, "continue.chat_model: unknown model key '40b'"),
-        ({"continue": {"autocomplete_options": {"debounce": 1}}}, "continue.autocomplete_options: Additional"),
+        ({"continue": {"autocomplete_options": {"debounce": 1}}}, "continue.autocomplete_options: 'debounce' was unexpected"),
         ({"continue": {"api_base": "localhost:11434"}}, "continue.api_base: 'localhost:11434' does not match"),
         ({"models": {"tiny": {"ollama": {"fim": "yes"}}}}, "models.tiny.ollama.fim: 'yes' is not one of"),
         ({"models": {"continue": {"base": {"build": "qwen3"}}}}, "models.continue: the key `continue` is taken"),
