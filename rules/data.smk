@@ -3,7 +3,7 @@ rule prepare_data:
     tabulate samples and tokens per source (tokens of this model's tokenizer)."""
     input:
         samples=config["data"]["samples"],
-        tokenizer_dir=get_base_for_training,
+        tokenizer_dir=get_tokenizer_base,
     output:
         train="results/{model}/data/train.jsonl",
         validation="results/{model}/data/validation.jsonl",
