@@ -155,6 +155,9 @@ def changes(recorded: dict, current: dict) -> list[str]:
     (not fetched yet, or consumed) counts by its declaration (build spec, hub repo/revision)."""
     old, new = dict(recorded), dict(current)
     old_id, new_id = old.pop("base_identity", None), new.pop("base_identity", None)
+    if isinstance(old.get("base"), dict) and isinstance(new.get("base"), dict) and "tiny_base" not in old["base"]:
+        # a record of an older lora-forge has no build settings: nothing to compare them with
+        new["base"] = {k: v for k, v in new["base"].items() if k != "tiny_base"}
     out = []
     if old_id and new_id:
         old.pop("base", None), new.pop("base", None)
@@ -200,6 +203,8 @@ def check_adapter_base(config: dict, model: str, adapter_dir: str | os.PathLike,
     current = weight_digests(base, **base_weights_source(config, model))
     recorded = weights_of((read(adapter_dir) or {}).get("base_identity"))
     if recorded and current and recorded != current:
+        for shard in sorted(k for k in current if recorded.get(k) != current[k] and (Path(base) / k).exists()):
+            read_header(str(Path(base) / shard))  # a damaged shard is named as such, not as other weights
         diff = identity_changes({"weights": recorded}, {"weights": current})
         raise AdapterBaseMismatch(
             f"{adapter_dir} was trained on other weights than {base} ({'; '.join(diff)}): merging it would "

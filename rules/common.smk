@@ -95,7 +95,8 @@ def get_training_base(wildcards):
 def get_tokenizer_base(wildcards):
     """prepare_data's base input (it reads the tokenizer, which a consume-mode merge leaves in
     place): ancient() while the prepared data is there and made with today's data settings from
-    the declared base (the adapter's record), so a rebuilt or refetched base does not redo it."""
+    the declared base (the adapter's record), so a rebuilt or refetched base does not redo it.
+    """
     model = wildcards.model
     if _base_is_users(model) or lftraining_record.data_is_current(config, model):
         return ancient(base_dir(model))

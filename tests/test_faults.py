@@ -680,6 +680,37 @@ def test_checkpoint_fingerprint_covers_learning_rate_and_base_weights_not_paths(
     assert "made with other base_identity" in caplog.text and not (ck / "checkpoint-5").exists()
 
 
+def test_training_is_up_to_date_by_the_adapter_record(tmp_path, monkeypatch):
+    """What decides, before Snakemake plans, whether training takes its base as an ancient() input
+    (a base rebuilt for an export must not retrain) or not (a target must build in one run)."""
+    from loraforge import training_record as tr
+    from loraforge.config import validate
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(small_config())
+    model = tmp_path / "results" / "tiny"
+    (model / "adapter").mkdir(parents=True)
+    (model / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    tr.write(model / "adapter", tr.current_settings(cfg, "tiny", with_base=False))
+    for folder, names in (("train", tr.TRAIN_REPORTS), ("data", tr.DATA_FILES)):
+        (model / folder).mkdir()
+        for name in names:
+            (model / folder / name).write_text("x")
+    assert tr.training_is_current(cfg, "tiny") and tr.data_is_current(cfg, "tiny")
+    seeded = validate(small_config(tiny_base={"seed": 1}))  # another base will be built
+    assert not tr.training_is_current(seeded, "tiny") and not tr.data_is_current(seeded, "tiny")
+    ranked = validate(small_config(models={"tiny": {"lora": {"r": 4}}}))
+    assert not tr.training_is_current(ranked, "tiny") and tr.data_is_current(ranked, "tiny")
+    assert not tr.training_is_current({**cfg, "retrain": ["tiny"]}, "tiny")
+    # a record of an older lora-forge (no build settings recorded) still counts as up to date
+    old = tr.read(model / "adapter")
+    old["base"].pop("tiny_base")
+    tr.write(model / "adapter", old)
+    assert tr.training_is_current(cfg, "tiny")
+    (model / "train" / "loss.png").unlink()  # a report missing: the train job must run
+    assert not tr.training_is_current(cfg, "tiny")
+
+
 def _real_checkpoint(d: Path, step: int = 5) -> Path:
     """What transformers writes into checkpoint-N, made with the same libraries: a torch-saved
     optimizer and scheduler state, RNG state, the adapter's safetensors, trainer_state.json."""
@@ -762,3 +793,106 @@ def test_merge_refuses_an_adapter_trained_on_other_weights(tmp_path, monkeypatch
         check_adapter_base(cfg, "tiny", adapter, base)
     line = explain(e.value)
     assert "trained on other weights" in line and "--config retrain=[tiny]" in line and "\n" not in line
+
+
+# --------------------------------------------------------------------------------------
+# an adapter belongs to one base: real Snakemake runs
+# --------------------------------------------------------------------------------------
+
+
+def planned_rules(work: Path, *targets: str) -> set[str]:
+    import re
+
+    out = console(run_snakemake(work, "-n", *targets))
+    return set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
+
+
+def _record(work: Path, model: str = "tiny") -> dict:
+    return json.loads((work / "results" / model / "adapter" / "lora-forge-training.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_base_built_with_other_settings_retrains_and_every_target_builds_in_one_run(work):
+    """Issue 21, 2 and 3: a rebuilt base (tiny_base.seed) means other weights: with the adapter
+    there, the run retrains it before any merge (the guard archives it:
+    test_a_changed_base_declaration_is_a_deliberate_retrain); with the adapter gone, each kind of
+    target (adapter, training reports, base, a GGUF) plans the base and everything up to itself,
+    and one run builds it (it used to build the base alone, say "100% done" and exit 0)."""
+    write_config(work, small_config(tiny_base={"seed": 1}))
+    count("faults_injected")
+    assert {"build_tiny_base", "train_adapter", "merge_adapter"} <= planned_rules(work, "results/tiny/Q4_K_M.gguf")
+    shutil.rmtree(work / "results/tiny/adapter")
+    for name in ("metrics.json", "loss.csv", "loss.png"):
+        (work / "results/tiny/train" / name).unlink()
+    count("faults_injected")
+    for target, wanted in (("results/tiny/adapter", {"build_tiny_base", "train_adapter"}),
+                           ("results/tiny/train/metrics.json", {"build_tiny_base", "train_adapter"}),
+                           ("results/tiny/base", {"build_tiny_base"}),
+                           ("results/tiny/Q4_K_M.gguf", {"build_tiny_base", "train_adapter", "merge_adapter",
+                                                         "convert_gguf", "quantize_gguf"})):
+        assert wanted <= planned_rules(work, target), target
+    run_snakemake(work, "results/tiny/adapter")
+    assert (work / "results/tiny/adapter/adapter_model.safetensors").is_file()
+    assert (work / "results/tiny/train/metrics.json").is_file()
+    record = _record(work)
+    assert record["base"]["tiny_base"]["seed"] == 1
+    assert record["base_identity"]["weights"] == {
+        k: v["sha256"] for k, v in json.loads((work / "results/tiny/base.complete").read_text())["shards"].items()}
+    assert planned_rules(work, "results/tiny/adapter", "results/tiny/train/metrics.json") == set()
+
+
+def test_a_changed_base_declaration_is_a_deliberate_retrain(tmp_path, monkeypatch):
+    """While the run builds the base again its weights are unknown: the adapter guard judges the
+    base by its declaration (a new seed: archive and retrain, never a silent merge); with nothing
+    changed and the base coming back for an export, the adapter is put on hold, not refused."""
+    from loraforge import training_record as tr
+    from loraforge import workflow_hooks as wh
+    from loraforge.config import validate
+    from loraforge.snakemake_bridge import PendingJob
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(small_config())
+    adapter = tmp_path / "results/tiny/adapter"
+    adapter.mkdir(parents=True)
+    tr.write(adapter, tr.current_settings(cfg, "tiny", with_base=False))
+    base = {"results/tiny/base", "results/tiny/base.complete"}
+    job = PendingJob("train_adapter", {"model": "tiny"}, {"adapter": str(adapter), "metrics": "results/tiny/train/m.json"},
+                     "updated input", False, frozenset(base))
+    seeded = validate(small_config(tiny_base={"seed": 1}))
+    assert wh._retrain_decision(job, seeded, base_rebuilt=True) == (True, "base.tiny_base.seed: 0 -> 1")
+    assert wh._retrain_decision(job, cfg, base_rebuilt=True)[0] is False
+    assert wh._only_for_the_base(job, cfg)
+    forced = PendingJob("train_adapter", {"model": "tiny"}, job.output, "forced", False, None)
+    assert not wh._only_for_the_base(forced, cfg)
+
+
+@pytest.mark.slow
+def test_after_a_consume_mode_merge_the_base_comes_back_before_training(work):
+    """Issue 21, 6: an auto consume-mode merge (a small disk_quota) uses the base's weights up. A
+    later export builds the base again and keeps the adapter (the base came back with the same
+    weights: nothing is trained); a settings change after that builds the base again, by the
+    workflow's own dependencies, before training (it used to fail with FileNotFoundError on every
+    rerun)."""
+    quota = ("--config", "disk_quota=31MB")
+    for q in ("Q4_K_M", "Q5_K_M"):
+        (work / f"results/tiny/{q}.gguf").unlink()
+    original = adapter_digest(work)
+    run_snakemake(work, "results/tiny/Q4_K_M.gguf", *quota)
+    assert not (work / "results/tiny/base.complete").exists() and not list((work / "results/tiny/base").glob("*.safetensors"))
+    assert json.loads((work / "results/tiny/reports/merge.json").read_text())["mode"] == "consume"
+    count("faults_injected")
+
+    run = run_snakemake(work, "results/tiny/Q5_K_M.gguf", *quota)
+    assert (work / "results/tiny/Q5_K_M.gguf").read_bytes()[:4] == b"GGUF"
+    assert adapter_digest(work) == original, "the adapter was retrained or changed"
+    assert not (work / "results/tiny/adapter-archive").exists(), "nothing left archived"
+    assert "adapter kept, nothing to train" in (work / "logs/tiny/train_adapter.log").read_text()
+    assert "Traceback" not in console(run)
+
+    write_config(work, small_config(models={"tiny": {"lora": {"r": 4, "alpha": 8}}}))
+    count("faults_injected")
+    run_snakemake(work, "results/tiny/train/metrics.json", *quota)
+    assert json.loads((work / "results/tiny/adapter/adapter_config.json").read_text())["r"] == 4
+    assert (work / "results/tiny/base.complete").is_file()
+    archived = next((work / "results/tiny/adapter-archive").iterdir())
+    assert digest(archived / "adapter") == original
