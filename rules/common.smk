@@ -81,8 +81,8 @@ def get_training_base(wildcards):
     settings and base declaration unchanged, reports there, no retrain asked for): a base built
     or fetched again for an export must not retrain for nothing. A job with a reason of its own
     is never behind ancient() inputs (Snakemake skips ancient-linked jobs below a rerun without
-    looking at their missing outputs: a target adapter missing while the base is stale would
-    not be trained)."""
+    looking at their missing outputs, snakemake#4166: a target adapter missing while the base is
+    stale would not be trained)."""
     model = wildcards.model
     if _base_is_users(model):
         return {"base": ancient(base_dir(model))}
@@ -106,7 +106,7 @@ def get_tokenizer_base(wildcards):
 def ancient_while_built(path, output):
     """`path` as an ancient() input only while the job's `output` exists: a job whose output is
     missing must run, and behind an ancient() input Snakemake would skip it when the input's
-    producer reruns."""
+    producer reruns (snakemake#4166)."""
     return ancient(path) if os.path.exists(output) else path
 
 

@@ -868,30 +868,32 @@ def test_a_changed_base_declaration_is_a_deliberate_retrain(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_after_a_consume_mode_merge_the_base_comes_back_before_training(work):
-    """Issue 21, 6: an auto consume-mode merge (a small disk_quota) uses the base's weights up. A
+    """Issue 21, 6: a consume-mode merge (set here; auto picks it under a small disk_quota) uses the
+    base's weights up. A
     later export builds the base again and keeps the adapter (the base came back with the same
     weights: nothing is trained); a settings change after that builds the base again, by the
     workflow's own dependencies, before training (it used to fail with FileNotFoundError on every
     rerun)."""
-    quota = ("--config", "disk_quota=31MB")
+    consume = {"export": {"merge_mode": "consume"}}
+    write_config(work, small_config(**consume))
     for q in ("Q4_K_M", "Q5_K_M"):
         (work / f"results/tiny/{q}.gguf").unlink()
     original = adapter_digest(work)
-    run_snakemake(work, "results/tiny/Q4_K_M.gguf", *quota)
+    run_snakemake(work, "results/tiny/Q4_K_M.gguf")
     assert not (work / "results/tiny/base.complete").exists() and not list((work / "results/tiny/base").glob("*.safetensors"))
     assert json.loads((work / "results/tiny/reports/merge.json").read_text())["mode"] == "consume"
     count("faults_injected")
 
-    run = run_snakemake(work, "results/tiny/Q5_K_M.gguf", *quota)
+    run = run_snakemake(work, "results/tiny/Q5_K_M.gguf")
     assert (work / "results/tiny/Q5_K_M.gguf").read_bytes()[:4] == b"GGUF"
     assert adapter_digest(work) == original, "the adapter was retrained or changed"
     assert not (work / "results/tiny/adapter-archive").exists(), "nothing left archived"
     assert "adapter kept, nothing to train" in (work / "logs/tiny/train_adapter.log").read_text()
     assert "Traceback" not in console(run)
 
-    write_config(work, small_config(models={"tiny": {"lora": {"r": 4, "alpha": 8}}}))
+    write_config(work, small_config(models={"tiny": {"lora": {"r": 4, "alpha": 8}}}, **consume))
     count("faults_injected")
-    run_snakemake(work, "results/tiny/train/metrics.json", *quota)
+    run_snakemake(work, "results/tiny/train/metrics.json")
     assert json.loads((work / "results/tiny/adapter/adapter_config.json").read_text())["r"] == 4
     assert (work / "results/tiny/base.complete").is_file()
     archived = next((work / "results/tiny/adapter-archive").iterdir())
