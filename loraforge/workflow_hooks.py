@@ -165,7 +165,7 @@ def settle_adapter_on_hold(out_dir: str | os.PathLike, record: dict) -> Path | N
         log.warning("retraining: %s (the adapter trained before stays in %s)", "; ".join(diff), held)
         return None
     adapter, _ = restore_adapter(held)
-    for folder in (held, held.parent):
+    for folder in (held / ARCHIVED_REPORTS, held, held.parent):
         try:
             folder.rmdir()  # only when empty
         except OSError:
