@@ -711,6 +711,38 @@ def test_training_is_up_to_date_by_the_adapter_record(tmp_path, monkeypatch):
     assert not tr.training_is_current(cfg, "tiny")
 
 
+def test_an_adapter_on_hold_is_kept_only_for_the_same_weights(tmp_path, monkeypatch):
+    """The train job of a base built again for an export: the adapter the guard put on hold comes
+    back (with its reports, the archive gone) when the record matches the base as it came back;
+    with other weights it stays archived and the job trains."""
+    from loraforge import training_record as tr
+    from loraforge import workflow_hooks as wh
+
+    monkeypatch.chdir(tmp_path)
+    base = _small_base(tmp_path / "results/tiny/base")
+    record = {"lora": {"r": 8}, "base_identity": tr.base_identity(base)}
+    adapter, reports = tmp_path / "results/tiny/adapter", tmp_path / "results/tiny/train"
+    for case, current in (("same", record),
+                          ("other", {**record, "base_identity": tr.base_identity(_small_base(tmp_path / "b", 1))})):
+        shutil.rmtree(adapter, ignore_errors=True)
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+        tr.write(adapter, record)
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / "metrics.json").write_text("{}")
+        held = wh.archive_adapter(adapter, [reports / "metrics.json"])
+        (reports / wh.ON_HOLD_NOTE).write_text(json.dumps({"archive": str(held)}))
+        count("faults_injected")
+        kept = wh.settle_adapter_on_hold(reports, current)
+        assert not (reports / wh.ON_HOLD_NOTE).exists()
+        if case == "same":
+            assert kept == adapter and (adapter / "adapter_model.safetensors").read_bytes() == b"weights"
+            assert (reports / "metrics.json").is_file() and not (tmp_path / "results/tiny/adapter-archive").exists()
+        else:
+            assert kept is None and not adapter.exists()
+            assert (held / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
 def _real_checkpoint(d: Path, step: int = 5) -> Path:
     """What transformers writes into checkpoint-N, made with the same libraries: a torch-saved
     optimizer and scheduler state, RNG state, the adapter's safetensors, trainer_state.json."""
