@@ -1,4 +1,5 @@
-"""Small file helpers used everywhere: atomic outputs and reading a model's config.json.
+"""Small file helpers used everywhere: atomic outputs, a file's sha256 and reading a model's
+config.json.
 
 Atomic outputs: a file or folder is written under `<name>.partial` next to its final name and
 renamed into place only when complete (`os.replace`, atomic on one filesystem), so a
@@ -10,6 +11,7 @@ merge's resumable `.partial` folder (loraforge.merge) and the GGUF quantizer's r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +73,13 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, fsync: bool = False) -> Path:
     """Write `obj` as indented JSON (non-JSON values via str) atomically."""
     return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n", fsync=fsync)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, hex (read in blocks: any size). The one file digest of the
+    project: adapters, datasets, base shards, hub uploads."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_hf_config(model: str | os.PathLike, *, required: bool = False) -> dict | None:

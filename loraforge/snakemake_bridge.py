@@ -126,6 +126,10 @@ class PendingJob:
     output: dict[str, str]  # named outputs
     reasons: str  # why Snakemake runs it, readable
     settings_changed: bool  # its params, or those of a job upstream of it in this run, changed
+    # the inputs that jobs rerun upstream will update, when that is the job's only reason to run
+    # (not forced, no output missing, no newer input, no changed params, code or input set);
+    # None when it has a reason of its own
+    rerun_for: frozenset[str] | None = None
 
 
 def _ancestors(dag, job, seen=None):
@@ -135,6 +139,13 @@ def _ancestors(dag, job, seen=None):
             seen.add(dep)
             _ancestors(dag, dep, seen)
     return seen
+
+
+def _only_upstream_reruns(reason) -> bool:
+    own = (reason.forced or reason.missing_output or reason.incomplete_output or reason.updated_input
+           or reason.is_provenance_triggered() or reason.nooutput or reason.noio or reason.no_metadata
+           or reason.outdated_metadata)
+    return not own and bool(reason.updated_input_run)
 
 
 def pending_jobs(dag, rule: str | None = None) -> list[PendingJob]:
@@ -153,6 +164,8 @@ def pending_jobs(dag, rule: str | None = None) -> list[PendingJob]:
             output={k: str(v) for k, v in job.output.items()},
             reasons=", ".join(dag.reason(job).get_names()) or "unknown",
             settings_changed=changed,
+            rerun_for=(frozenset(_norm(f) for f in dag.reason(job).updated_input_run)
+                       if _only_upstream_reruns(dag.reason(job)) else None),
         ))
     return out
 

@@ -186,6 +186,7 @@ def train(
 
     from loraforge import training_record
     from loraforge.gpu_memory import RunPeak, step_marker
+    from loraforge.base_weights import require_weights
     from loraforge.lora_targets import check_target_modules
     from loraforge.tokenizer import load_tokenizer
     from loraforge.train_monitor import (
@@ -194,11 +195,7 @@ def train(
     )
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not Path(base_dir).is_dir():
-        raise FileNotFoundError(
-            f"base model folder {base_dir} is missing (a consume-mode merge uses it up): "
-            f"build or fetch it first, e.g. snakemake --cores 1 {base_dir}"
-        )
+    require_weights(base_dir)
     check_target_modules(lora["target_modules"], base_dir)  # a typo fails now, not after loading
     world, is_main = distributed.world_size(), distributed.is_main_process()
     accumulation = distributed.per_process_accumulation(train_params, world)
@@ -215,7 +212,8 @@ def train(
     if world == 1:
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
-        resume_from = prepare_checkpoints(checkpoints, fingerprint(base_dir, train_jsonl, lora, train_params, backend))
+        identity = training_record.identity_for_training(base_dir, record)
+        resume_from = prepare_checkpoints(checkpoints, fingerprint(identity, train_jsonl, lora, train_params, backend))
     else:
         # the launcher prepared the folders and the checkpoints before starting the processes:
         # here they are only read, so no rank deletes what another is about to resume from

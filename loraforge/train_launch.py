@@ -127,6 +127,8 @@ def run_training(base_dir, train_jsonl, validation_jsonl, adapter_dir, out_dir, 
         return train(base_dir, train_jsonl, validation_jsonl, adapter_dir=adapter_dir, out_dir=out_dir, lora=lora,
                      train_params=train_params, record=record)
 
+    from loraforge import training_record
+    from loraforge.base_weights import require_weights
     from loraforge.distributed import accumulation_per_process
     from loraforge.lora_targets import check_target_modules
     from loraforge.train_backends import resolve_backend
@@ -134,8 +136,7 @@ def run_training(base_dir, train_jsonl, validation_jsonl, adapter_dir, out_dir, 
 
     accumulation_per_process(int(train_params["gradient_accumulation_steps"]), gpus)
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not Path(base_dir).is_dir():
-        raise FileNotFoundError(f"base model folder {base_dir} is missing: build or fetch it first")
+    require_weights(base_dir)
     check_target_modules(lora["target_modules"], base_dir)
     backend = resolve_backend(train_params.get("backend", "auto"))
     check_gpus(gpus)
@@ -144,7 +145,8 @@ def run_training(base_dir, train_jsonl, validation_jsonl, adapter_dir, out_dir, 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(adapter_dir.with_name(adapter_dir.name + ".partial"), ignore_errors=True)
-    prepare_checkpoints(out_dir / CHECKPOINTS_DIRNAME, fingerprint(base_dir, train_jsonl, lora, train_params, backend))
+    identity = training_record.identity_for_training(base_dir, record)
+    prepare_checkpoints(out_dir / CHECKPOINTS_DIRNAME, fingerprint(identity, train_jsonl, lora, train_params, backend))
     (out_dir / "metrics.json").unlink(missing_ok=True)  # so a stale one is never read back as this run's
     launch_file, error_file = out_dir / LAUNCH_FILE, out_dir / ERROR_FILE
     error_file.unlink(missing_ok=True)

@@ -4,12 +4,15 @@ rule log, a token count for tokens/s, and reading eval loss against train loss.
 Checkpoints live in `<model>/train/checkpoints/checkpoint-N` (transformers' own format:
 adapter, optimizer, scheduler, RNG and trainer state), never next to the adapter, so the adapter
 guard never takes one for a finished adapter. A rerun after a crash resumes from the newest
-complete one when it was made with the same settings and data (checkpoints/fingerprint.json);
-checkpoints of other settings are discarded, with a log line."""
+complete one when it was made with the same settings, data and base weights
+(checkpoints/fingerprint.json: no paths, so a moved checkout keeps its checkpoints); checkpoints
+of other settings are discarded, with a log line. Before resuming, the newest checkpoint is
+checked (every file there, trainer_state.json readable JSON, the .pt/.pth files complete zip
+archives, the adapter's safetensors header and size): a bad one is set aside (renamed into
+checkpoints-set-aside/, never deleted) and the previous one is tried, or training starts over."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -17,9 +20,11 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
-from loraforge.fileio import write_json_atomic
+from loraforge.fileio import sha256_file, write_json_atomic
+from loraforge.safetensors_io import SafetensorsFormatError, read_header
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +46,18 @@ NOT_FINGERPRINTED = ("save_steps", "eval_steps", "keep_checkpoints", "gradient_c
 NOT_RECORDED = NOT_FINGERPRINTED + ("gpus",)
 
 
-def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+SET_ASIDE_DIRNAME = "checkpoints-set-aside"  # next to checkpoints/: bad checkpoints, renamed, never deleted
 
 
-def fingerprint(base_dir, train_jsonl, lora: dict, train_params: dict, backend: str) -> dict:
-    """What a checkpoint must have been trained with to be resumed."""
+def fingerprint(base_identity: dict | str | None, train_jsonl, lora: dict, train_params: dict, backend: str) -> dict:
+    """What a checkpoint must have been trained with to be resumed: the base's identity
+    (training_record.base_identity: layout and per-shard weight digests), the training data's
+    digest, the settings that decide the steps, the backend. No paths."""
+    if not base_identity:
+        raise ValueError("a checkpoint fingerprint needs the base's identity (its weights are missing)")
     return {
-        "base_dir": str(Path(base_dir).resolve()),
-        "train_sha256": _file_digest(train_jsonl),
+        "base_identity": base_identity,
+        "train_sha256": sha256_file(train_jsonl),
         "lora": lora,
         "train": {k: v for k, v in sorted(train_params.items()) if k not in NOT_FINGERPRINTED},
         "backend": backend,
@@ -95,10 +99,62 @@ def prepare_checkpoints(checkpoints: Path, expected: dict) -> Path | None:
         if d not in complete:
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", d)
             shutil.rmtree(d, ignore_errors=True)
+    return newest_good_checkpoint(complete)
+
+
+def newest_good_checkpoint(complete: list[Path]) -> Path | None:
+    """The newest checkpoint that checks out (checkpoint_problem), newest first; each bad one is
+    set aside on the way. Says which one training resumes from, or that it starts over."""
+    for d in reversed(complete):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            log.info("resuming from %s", d)
+            return d
+        moved = set_aside(d)
+        log.warning("checkpoint %s is unusable (%s): set aside as %s", d, problem, moved)
     if complete:
-        log.info("resuming from %s", complete[-1])
-        return complete[-1]
+        log.warning("no usable checkpoint left in %s: training starts over from step 0", complete[0].parent)
     return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint (naming the file), or None when it can be resumed:
+    trainer_state.json is JSON with a global_step, every .pt/.pth file is a complete zip archive
+    (torch.save's format; a cut-off file has no central directory, a torn one fails its CRC),
+    the adapter's safetensors header is readable and its data all there."""
+    state_file = checkpoint / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            return f"{state_file.name} has no global_step"
+    except (OSError, ValueError) as e:
+        return f"{state_file.name}: not valid JSON ({e})"
+    for f in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{f.name}: not a complete torch file ({e})"
+        if bad is not None:
+            return f"{f.name}: {bad} is corrupt (CRC mismatch)"
+    weights = checkpoint / "adapter_model.safetensors"
+    try:
+        read_header(str(weights))  # checks every tensor's data lies within the file
+    except (OSError, SafetensorsFormatError) as e:
+        return f"{weights.name}: {e}"
+    return None
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Move a bad checkpoint to <train>/checkpoints-set-aside/<name>[-k] (a rename: nothing is
+    deleted; the trainer's rotation of old checkpoints never sees it there)."""
+    dest_dir = checkpoint.parent.parent / SET_ASIDE_DIRNAME
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest, n = dest_dir / checkpoint.name, 1
+    while dest.exists():
+        dest, n = dest_dir / f"{checkpoint.name}-{n}", n + 1
+    checkpoint.rename(dest)
+    return dest
 
 
 def _duration(seconds: float) -> str:

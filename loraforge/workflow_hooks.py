@@ -4,7 +4,10 @@ any job (so nothing has been deleted yet), and after the run.
 on_start
   1. adapter safety: an existing adapter that a train job would replace is archived first
      (moved, free on one filesystem), and a retrain whose settings did not change (a forced
-     run, a touched file) needs an explicit `--config retrain=[MODEL]`;
+     run, a touched file) needs an explicit `--config retrain=[MODEL]`. A train job whose only
+     reason is its base being built or fetched again (a consume-mode merge used the weights up)
+     puts the adapter on hold instead: the job keeps it when the base comes back with the same
+     weights and retrains (the old adapter archived) when it does not;
   2. the disk plan of the jobs about to run, checked against disk_quota and the free space;
   3. a disk sampler that records what results/ and the base folders really use;
   4. in consume merge mode, the consumers file of every temp intermediate GGUF the run's
@@ -34,6 +37,8 @@ from loraforge.fileio import write_json_atomic
 log = logging.getLogger("loraforge")
 
 TRAIN_RULE = "train_adapter"
+BASE_RULES = ("build_tiny_base", "fetch_base")
+ON_HOLD_NOTE = "adapter-on-hold.json"  # <model>/train/: the archive the train job keeps or retrains
 QUANTIZE_RULE = "quantize_gguf"
 RELEASE_DIRNAME = "release"
 ARCHIVE_DIRNAME = "adapter-archive"
@@ -176,30 +181,78 @@ def check_train_targets(trains, config) -> None:
         )
 
 
-def _retrain_decision(job, config) -> tuple[bool, str]:
+def _retrain_decision(job, config, base_rebuilt: bool = False) -> tuple[bool, str]:
     """(deliberate, why). Judged against the settings recorded in the adapter when it was
-    trained; adapters from before that record fall back to Snakemake's params comparison."""
+    trained; adapters from before that record fall back to Snakemake's params comparison. While
+    this run builds or fetches the base again, its weights are not known yet: the base counts by
+    its declaration (build settings, hub repo and revision)."""
     from loraforge import training_record
 
     recorded = training_record.read(job.output["adapter"])
     if recorded is None:
         return job.settings_changed, "settings changed (Snakemake params)" if job.settings_changed else job.reasons
-    diff = training_record.changes(recorded, training_record.current_settings(config, job.wildcards["model"]))
+    current = training_record.current_settings(config, job.wildcards["model"], with_base=not base_rebuilt)
+    diff = training_record.changes(recorded, current)
     return (True, "; ".join(diff)) if diff else (False, job.reasons)
+
+
+def _only_for_the_base(job, config) -> bool:
+    """The train job runs only because the base it reads is built or fetched again."""
+    from loraforge import training_record
+
+    model = job.wildcards["model"]
+    base = os.path.normpath(training_record.base_dir(config, model))
+    return job.rerun_for is not None and job.rerun_for <= {base, base + ".complete"}
+
+
+def _note_path(job) -> Path:
+    return Path(job.output["metrics"]).parent / ON_HOLD_NOTE
+
+
+def settle_adapter_on_hold(out_dir: str | os.PathLike, record: dict) -> Path | None:
+    """In the train job: an adapter the guard put on hold (the base was being built or fetched
+    again) is restored when its record matches today's settings and the base's weights as they
+    came back; returns the adapter then (nothing to train). Otherwise None: train (the old adapter
+    stays archived)."""
+    from loraforge import training_record
+
+    note = Path(out_dir) / ON_HOLD_NOTE
+    try:
+        held = Path(json.loads(note.read_text())["archive"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    note.unlink()
+    old = training_record.read(held / ARCHIVED_ADAPTER)
+    diff = training_record.changes(old, record) if old is not None else ["no training record"]
+    if diff:
+        log.warning("retraining: %s (the adapter trained before stays in %s)", "; ".join(diff), held)
+        return None
+    adapter, _, _ = restore_adapter(held)
+    for folder in (held / ARCHIVED_REPORTS, held, held.parent):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+    log.info("the base came back with the weights %s was trained on: adapter kept, nothing to train", adapter)
+    return adapter
 
 
 def guard_adapters(workflow, config) -> list[tuple[str, Path]]:
     """Refuse accidental retrains; archive every adapter a train job of this run is about to replace."""
-    return guard_train_jobs(snakemake_bridge.pending_jobs(workflow.dag, rule=TRAIN_RULE), config)
+    pending = snakemake_bridge.pending_jobs(workflow.dag)
+    rebuilt = {j.wildcards.get("model") for j in pending if j.rule in BASE_RULES}
+    return guard_train_jobs([j for j in pending if j.rule == TRAIN_RULE], config, rebuilt)
 
 
-def guard_train_jobs(trains: list[snakemake_bridge.PendingJob], config) -> list[tuple[str, Path]]:
-    """guard_adapters on these pending train jobs: AdapterGuardError naming the way to keep each
-    adapter whose settings did not change (unless --config retrain opts in), else archive every
-    adapter that will be replaced, with its reports. Returns (model, archive) pairs."""
+def guard_train_jobs(trains: list[snakemake_bridge.PendingJob], config,
+                     rebuilt: set[str] | frozenset = frozenset()) -> list[tuple[str, Path]]:
+    """guard_adapters on these pending train jobs (`rebuilt`: the models whose base this run builds
+    or fetches again): AdapterGuardError naming the way to keep each adapter whose settings did not
+    change (unless --config retrain opts in), else archive every adapter that will be replaced, with
+    its reports. Returns (model, archive) pairs."""
     check_train_targets(trains, config)
     opted_in = set(config.get("retrain", []))
-    refused, to_archive = [], []
+    refused, to_archive, on_hold = [], [], []
     for job in trains:
         model = job.wildcards["model"]
         adapter = Path(job.output["adapter"])
@@ -208,9 +261,11 @@ def guard_train_jobs(trains: list[snakemake_bridge.PendingJob], config) -> list[
         if model in opted_in or "all" in opted_in:
             to_archive.append((model, job, "--config retrain"))
             continue
-        deliberate, why = _retrain_decision(job, config)
+        deliberate, why = _retrain_decision(job, config, base_rebuilt=model in rebuilt)
         if deliberate:
             to_archive.append((model, job, why))
+        elif model in rebuilt and _only_for_the_base(job, config):
+            on_hold.append((model, job))
         else:
             reports = " ".join(job.output[k] for k in REPORT_OUTPUTS if k in job.output)
             refused.append(
@@ -229,10 +284,19 @@ def guard_train_jobs(trains: list[snakemake_bridge.PendingJob], config) -> list[
     archived = []
     for model, job, why in to_archive:
         reports = [job.output[k] for k in REPORT_OUTPUTS if k in job.output]
+        _note_path(job).unlink(missing_ok=True)  # a hold of an earlier run no longer applies
         dest = archive_adapter(job.output["adapter"], reports)
         _say(
             f"adapter of {model} archived to {dest} before retraining ({why}); "
             f"restore: loraforge restore-adapter {dest}"
+        )
+        archived.append((model, dest))
+    for model, job in on_hold:
+        dest = archive_adapter(job.output["adapter"], [job.output[k] for k in REPORT_OUTPUTS if k in job.output])
+        write_json_atomic(_note_path(job), {"archive": str(dest)})
+        _say(
+            f"the base of {model} is built or fetched again: its adapter waits in {dest} and is kept if the "
+            "base comes back with the weights it was trained on (retrained, the old one staying archived, if not)"
         )
         archived.append((model, dest))
     return archived

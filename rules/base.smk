@@ -4,7 +4,7 @@ rule build_tiny_base:
         corpus=config["tiny_base"]["corpus"],
     output:
         base=directory("results/{model}/base"),
-        complete=touch("results/{model}/base.complete"),
+        complete="results/{model}/base.complete",
         report="results/{model}/reports/base.json",
     log:
         "logs/{model}/build_tiny_base.log",
@@ -29,7 +29,7 @@ rule fetch_base:
     """A hub model's safetensors, config and tokenizer, via huggingface_hub (HF_TOKEN for gated repos)."""
     output:
         base=directory("results/{model}/base"),
-        complete=touch("results/{model}/base.complete"),
+        complete="results/{model}/base.complete",
     log:
         "logs/{model}/fetch_base.log",
     wildcard_constraints:

@@ -15,6 +15,7 @@ import loraforge.plan.intermediate as lfintermediate
 import loraforge.resources as lfresources
 import loraforge.suggest as lfsuggest
 import loraforge.summary_page as lfsummary
+import loraforge.training_record as lftraining_record
 from loraforge import snakemake_bridge, workflow_hooks
 from loraforge.train_monitor import NOT_RECORDED
 
@@ -78,19 +79,53 @@ def get_base(wildcards):
     return base_dir(wildcards.model)
 
 
-def get_base_for_training(wildcards):
-    # ancient(): a base fetched or rebuilt again (after a consume-mode merge used its weights
-    # up) must never make the adapter look stale: that would retrain for nothing.
-    return ancient(base_dir(wildcards.model))
+def _base_is_users(model):
+    return "path" in config["models"][model]["base"]
+
+
+def get_training_base(wildcards):
+    """train_adapter's base inputs (unpack()): the base folder and its complete flag, so a base
+    whose weights are missing (never built, or used up by a consume-mode merge) is built or
+    fetched again before training, and a changed base (build settings, hub revision) retrains.
+    Both ancient() while training is up to date by the adapter's own record (settings, data
+    settings and base declaration unchanged, reports there, no retrain asked for): a base built
+    or fetched again for an export must not retrain for nothing. A job with a reason of its own
+    is never behind ancient() inputs (Snakemake skips ancient-linked jobs below a rerun without
+    looking at their missing outputs, snakemake#4166: a target adapter missing while the base is
+    stale would not be trained)."""
+    model = wildcards.model
+    if _base_is_users(model):
+        return {"base": ancient(base_dir(model))}
+    files = {"base": base_dir(model), "base_complete": f"results/{model}/base.complete"}
+    if lftraining_record.training_is_current(config, model):
+        return {k: ancient(v) for k, v in files.items()}
+    return files
+
+
+def get_tokenizer_base(wildcards):
+    """prepare_data's base input (it reads the tokenizer, which a consume-mode merge leaves in
+    place): ancient() while the prepared data is there and made with today's data settings from
+    the declared base (the adapter's record), so a rebuilt or refetched base does not redo it.
+    """
+    model = wildcards.model
+    if _base_is_users(model) or lftraining_record.data_is_current(config, model):
+        return ancient(base_dir(model))
+    return base_dir(model)
+
+
+def ancient_while_built(path, output):
+    """`path` as an ancient() input only while the job's `output` exists: a job whose output is
+    missing must run, and behind an ancient() input Snakemake would skip it when the input's
+    producer reruns (snakemake#4166)."""
+    return ancient(path) if os.path.exists(output) else path
 
 
 def get_base_complete(wildcards):
-    """The flag a built or fetched base carries while its weights are all there. A consume-mode
-    merge removes the weights and this flag but keeps the folder's small files, so a later
-    export builds or fetches the base again without touching data preparation or training
-    (an existing ancient() input stops Snakemake's rerun propagation; a missing one would not).
+    """The flag a built or fetched base carries while its weights are all there (each shard's
+    digest, loraforge.base_weights). A consume-mode merge removes the weights and this flag but
+    keeps the folder's small files, so a later export builds or fetches the base again.
     """
-    if "path" in config["models"][wildcards.model]["base"]:
+    if _base_is_users(wildcards.model):
         return []
     return f"results/{wildcards.model}/base.complete"
 

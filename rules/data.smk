@@ -29,7 +29,7 @@ rule prepare_data:
     """
     input:
         samples=get_data_files,
-        tokenizer_dir=get_base_for_training,
+        tokenizer_dir=get_tokenizer_base,
     output:
         train="results/{model}/data/train.jsonl",
         validation="results/{model}/data/validation.jsonl",

@@ -76,7 +76,9 @@ rule convert_adapter_gguf:
     input:
         adapter=lambda w: adapter_gguf_source(w.model),
         # only config.json is read: a base whose weights a consume-mode merge used up will do
-        base=lambda w: ancient(base_dir(w.model)),
+        base=lambda w: ancient_while_built(
+            base_dir(w.model), f"results/{w.model}/adapter.gguf"
+        ),
     output:
         gguf="results/{model}/adapter.gguf",
     log:

@@ -6,7 +6,7 @@ rule train_adapter:
     N data-parallel processes (torchrun) and requests N GPUs on one node (README: Several GPUs).
     """
     input:
-        base=get_base_for_training,
+        unpack(get_training_base),
         train="results/{model}/data/train.jsonl",
         validation="results/{model}/data/validation.jsonl",
     output:

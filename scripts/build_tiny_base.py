@@ -3,11 +3,13 @@ pre-trained locally (loraforge.base.build_tiny_base).
 
     input:  corpus (text files)
     params: arch, vocab_size, pretrain_steps, seed
-    output: base (folder), complete (touch flag, by Snakemake), report (JSON metrics)
+    output: base (folder), complete (the flag that its weights are there: each shard's size,
+            mtime and sha256, loraforge.base_weights), report (JSON metrics)
     log:    one file
 """
 
 from loraforge.base import build_tiny_base
+from loraforge.base_weights import write_manifest
 from loraforge.rulelog import rule_logging
 
 with rule_logging(snakemake):  # noqa: F821 - injected by Snakemake's script: directive
@@ -20,3 +22,4 @@ with rule_logging(snakemake):  # noqa: F821 - injected by Snakemake's script: di
         seed=snakemake.params.seed,  # noqa: F821
         report=snakemake.output.report,  # noqa: F821
     )
+    write_manifest(snakemake.output.base, snakemake.output.complete)  # noqa: F821

@@ -575,3 +575,364 @@ def test_disk_full_during_each_writing_rule(small_disk, rule):
     if adapter_before is not None:
         check_unharmed(work, adapter_before)
     assert (work / target).exists()
+
+
+# --------------------------------------------------------------------------------------
+# an adapter belongs to one base: weight identity, checkpoints (fast unit tests, real files)
+# --------------------------------------------------------------------------------------
+
+
+def _small_base(folder: Path, seed: int = 0) -> Path:
+    """A base folder as the pipeline sees one: config, two safetensors shards, tokenizer files."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 8}))
+    gen = torch.Generator().manual_seed(seed)
+    for i in (1, 2):
+        save_file({f"model.layers.{i}.w.weight": torch.randn(8, 8, generator=gen)},
+                  str(folder / f"model-0000{i}-of-00002.safetensors"))
+    (folder / "tokenizer.json").write_text('{"vocab": {"a": 0}}')
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "a"}')
+    return folder
+
+
+def _train_settings(**over) -> dict:
+    return {"learning_rate": 2e-4, "max_steps": 10, "seed": 1, "save_steps": 5, "gpus": 1, **over}
+
+
+def test_base_identity_covers_weights_and_tokenizer_but_not_the_path(tmp_path):
+    from loraforge.training_record import base_identity, identity_changes
+
+    base = _small_base(tmp_path / "a" / "base")
+    before = base_identity(base)
+    count("bad_inputs_tried")
+    # the same files elsewhere (a moved checkout): the same identity
+    moved = tmp_path / "b" / "base"
+    shutil.copytree(base, moved)
+    assert base_identity(moved) == before
+    # other weights, same names, shapes and dtypes (another seed): another identity
+    other = _small_base(tmp_path / "c" / "base", seed=1)
+    assert base_identity(other)["layout"] == before["layout"]
+    assert identity_changes(before, base_identity(other)) == [
+        "base model weights: 2 of 2 shards differ (model-00001-of-00002.safetensors, model-00002-of-00002.safetensors)"]
+    # another tokenizer, same weights
+    (moved / "tokenizer.json").write_text('{"vocab": {"b": 0}}')
+    assert identity_changes(before, base_identity(moved)) == ["base model: different config, tensor layout or tokenizer"]
+    # a record of an older lora-forge (the layout digest alone) compares by layout
+    assert identity_changes(before["layout"], base_identity(other)) == []
+
+
+def test_shard_digests_are_kept_in_the_flag_and_rechecked_by_size_and_mtime(tmp_path):
+    from loraforge.base_weights import complete_flag, read_manifest, weight_digests, write_manifest
+
+    base = _small_base(tmp_path / "base")
+    write_manifest(base)
+    flag = complete_flag(base)
+    recorded = read_manifest(flag)
+    assert flag == tmp_path / "base.complete" and sorted(recorded) == sorted(p.name for p in base.glob("*.safetensors"))
+    shard = base / "model-00001-of-00002.safetensors"
+    assert recorded[shard.name]["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    # unchanged size and mtime: the recorded digest is used, the shard is not read again
+    doctored = {**recorded, shard.name: {**recorded[shard.name], "sha256": "recorded"}}
+    flag.write_text(json.dumps({"format": 1, "shards": doctored}))
+    assert weight_digests(base)[shard.name] == "recorded"
+    # rewritten in place (new mtime): hashed again
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    count("faults_injected")
+    assert weight_digests(base)[shard.name] == hashlib.sha256(bytes(data)).hexdigest()
+    # a shard a consume-mode merge has moved out (merge still under way): the flag says what it was
+    shard.unlink()
+    assert weight_digests(base)[shard.name] == "recorded"
+    # a user's own folder: a cache under results/, never a file in the folder
+    cache = tmp_path / "results" / "base-digests.json"
+    assert weight_digests(base, cache=cache) and cache.is_file()
+
+
+def test_checkpoint_fingerprint_covers_learning_rate_and_base_weights_not_paths(tmp_path, caplog):
+    from loraforge.train_monitor import fingerprint, prepare_checkpoints
+    from loraforge.training_record import base_identity
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": []}\n')
+    lora = {"r": 8, "alpha": 16}
+    base = _small_base(tmp_path / "one" / "base")
+    identity = base_identity(base)
+    fp = fingerprint(identity, data, lora, _train_settings(), "trl")
+    assert "/" not in json.dumps({k: v for k, v in fp.items() if k != "lora"}), "no paths in a fingerprint"
+    assert fingerprint(identity, data, lora, _train_settings(learning_rate=1e-4), "trl") != fp
+    assert fingerprint(identity, data, lora, _train_settings(save_steps=7), "trl") == fp  # when, not what
+    ck = tmp_path / "checkpoints"
+    prepare_checkpoints(ck, fp)
+    _real_checkpoint(ck / "checkpoint-5")
+    # the same base moved elsewhere: the checkpoint is kept
+    moved = tmp_path / "two" / "base"
+    shutil.copytree(base, moved)
+    assert prepare_checkpoints(ck, fingerprint(base_identity(moved), data, lora, _train_settings(), "trl")) == ck / "checkpoint-5"
+    # other weights under the same folder name: discarded, never resumed
+    other = _small_base(tmp_path / "three" / "base", seed=1)
+    count("faults_injected")
+    with caplog.at_level("WARNING"):
+        assert prepare_checkpoints(ck, fingerprint(base_identity(other), data, lora, _train_settings(), "trl")) is None
+    assert "made with other base_identity" in caplog.text and not (ck / "checkpoint-5").exists()
+
+
+def test_training_is_up_to_date_by_the_adapter_record(tmp_path, monkeypatch):
+    """What decides, before Snakemake plans, whether training takes its base as an ancient() input
+    (a base rebuilt for an export must not retrain) or not (a target must build in one run)."""
+    from loraforge import training_record as tr
+    from loraforge.config import validate
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(small_config())
+    model = tmp_path / "results" / "tiny"
+    (model / "adapter").mkdir(parents=True)
+    (model / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    tr.write(model / "adapter", tr.current_settings(cfg, "tiny", with_base=False))
+    for folder, names in (("train", tr.TRAIN_REPORTS), ("data", tr.DATA_FILES)):
+        (model / folder).mkdir()
+        for name in names:
+            (model / folder / name).write_text("x")
+    assert tr.training_is_current(cfg, "tiny") and tr.data_is_current(cfg, "tiny")
+    seeded = validate(small_config(tiny_base={"seed": 1}))  # another base will be built
+    assert not tr.training_is_current(seeded, "tiny") and not tr.data_is_current(seeded, "tiny")
+    ranked = validate(small_config(models={"tiny": {"lora": {"r": 4}}}))
+    assert not tr.training_is_current(ranked, "tiny") and tr.data_is_current(ranked, "tiny")
+    assert not tr.training_is_current({**cfg, "retrain": ["tiny"]}, "tiny")
+    # a record of an older lora-forge (no build settings recorded) still counts as up to date
+    old = tr.read(model / "adapter")
+    old["base"].pop("tiny_base")
+    tr.write(model / "adapter", old)
+    assert tr.training_is_current(cfg, "tiny")
+    (model / "train" / "loss.png").unlink()  # a report missing: the train job must run
+    assert not tr.training_is_current(cfg, "tiny")
+
+
+def test_an_adapter_on_hold_is_kept_only_for_the_same_weights(tmp_path, monkeypatch):
+    """The train job of a base built again for an export: the adapter the guard put on hold comes
+    back (with its reports, the archive gone) when the record matches the base as it came back;
+    with other weights it stays archived and the job trains."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loraforge import training_record as tr
+    from loraforge import workflow_hooks as wh
+
+    monkeypatch.chdir(tmp_path)
+    base = _small_base(tmp_path / "results/tiny/base")
+    record = {"lora": {"r": 8}, "base_identity": tr.base_identity(base)}
+    adapter, reports = tmp_path / "results/tiny/adapter", tmp_path / "results/tiny/train"
+    for case, current in (("same", record),
+                          ("other", {**record, "base_identity": tr.base_identity(_small_base(tmp_path / "b", 1))})):
+        shutil.rmtree(adapter, ignore_errors=True)
+        adapter.mkdir(parents=True)
+        # a complete adapter folder (restore-adapter checks the archive before restoring it)
+        save_file({"lora_A": torch.full((2, 2), 7.0)}, adapter / "adapter_model.safetensors")
+        (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
+        weights = (adapter / "adapter_model.safetensors").read_bytes()
+        tr.write(adapter, record)
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / "metrics.json").write_text("{}")
+        held = wh.archive_adapter(adapter, [reports / "metrics.json"])
+        (reports / wh.ON_HOLD_NOTE).write_text(json.dumps({"archive": str(held)}))
+        count("faults_injected")
+        kept = wh.settle_adapter_on_hold(reports, current)
+        assert not (reports / wh.ON_HOLD_NOTE).exists()
+        if case == "same":
+            assert kept == adapter and (adapter / "adapter_model.safetensors").read_bytes() == weights
+            assert (reports / "metrics.json").is_file() and not (tmp_path / "results/tiny/adapter-archive").exists()
+        else:
+            assert kept is None and not adapter.exists()
+            assert (held / "adapter" / "adapter_model.safetensors").read_bytes() == weights
+
+
+def _real_checkpoint(d: Path, step: int = 5) -> Path:
+    """What transformers writes into checkpoint-N, made with the same libraries: a torch-saved
+    optimizer and scheduler state, RNG state, the adapter's safetensors, trainer_state.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    param = torch.nn.Parameter(torch.randn(4, 4))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    param.grad = torch.ones(4, 4)
+    opt.step()
+    torch.save(opt.state_dict(), d / "optimizer.pt")
+    torch.save(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0).state_dict(), d / "scheduler.pt")
+    torch.save({"python": 1, "torch": torch.get_rng_state()}, d / "rng_state.pth")
+    save_file({"lora_A": torch.randn(2, 4)}, str(d / "adapter_model.safetensors"))
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return d
+
+
+@pytest.mark.parametrize("damage", ["truncated optimizer.pt", "torn trainer_state.json", "truncated adapter weights"])
+def test_a_bad_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, caplog, damage):
+    from loraforge.train_monitor import SET_ASIDE_DIRNAME, prepare_checkpoints
+
+    fp = {"train": {"learning_rate": 1e-3}}
+    ck = tmp_path / "train" / "checkpoints"
+    prepare_checkpoints(ck, fp)
+    _real_checkpoint(ck / "checkpoint-20", 20)
+    newest = _real_checkpoint(ck / "checkpoint-40", 40)
+    if damage == "truncated optimizer.pt":
+        _truncate(newest / "optimizer.pt")
+    elif damage == "torn trainer_state.json":
+        text = (newest / "trainer_state.json").read_text()
+        (newest / "trainer_state.json").write_text(text[: len(text) // 2])
+    else:
+        _truncate(newest / "adapter_model.safetensors")
+    count("faults_injected")
+    kept = {p.name: p.read_bytes() for p in newest.iterdir()}
+    with caplog.at_level("INFO"):
+        assert prepare_checkpoints(ck, fp) == ck / "checkpoint-20"
+    aside = tmp_path / "train" / SET_ASIDE_DIRNAME / "checkpoint-40"
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == kept, "set aside, byte for byte"
+    assert not newest.exists()
+    assert damage.split()[1] in caplog.text and "resuming from " + str(ck / "checkpoint-20") in caplog.text
+
+
+def test_no_good_checkpoint_left_starts_over_and_says_so(tmp_path, caplog):
+    from loraforge.train_monitor import SET_ASIDE_DIRNAME, prepare_checkpoints
+
+    fp = {"train": {"learning_rate": 1e-3}}
+    ck = tmp_path / "train" / "checkpoints"
+    prepare_checkpoints(ck, fp)
+    only = _real_checkpoint(ck / "checkpoint-40", 40)
+    (only / "scheduler.pt").write_bytes(b"garbage")
+    count("faults_injected")
+    with caplog.at_level("INFO"):
+        assert prepare_checkpoints(ck, fp) is None
+    assert "scheduler.pt" in caplog.text and "training starts over from step 0" in caplog.text
+    assert (tmp_path / "train" / SET_ASIDE_DIRNAME / "checkpoint-40" / "scheduler.pt").read_bytes() == b"garbage"
+
+
+def test_merge_refuses_an_adapter_trained_on_other_weights(tmp_path, monkeypatch):
+    from loraforge.base_weights import write_manifest
+    from loraforge.errors import explain
+    from loraforge.training_record import AdapterBaseMismatch, base_identity, check_adapter_base, write
+
+    monkeypatch.chdir(tmp_path)
+    base = _small_base(tmp_path / "results" / "tiny" / "base")
+    write_manifest(base)
+    cfg = {"models": {"tiny": {"base": {"build": "qwen3"}}}}
+    adapter = tmp_path / "results" / "tiny" / "adapter"
+    adapter.mkdir()
+    write(adapter, {"base_identity": base_identity(base)})
+    assert check_adapter_base(cfg, "tiny", adapter, base) == base_identity(base)["weights"]
+    # the base is built again with another seed: the adapter's weights record no longer matches
+    shutil.rmtree(base)
+    _small_base(base, seed=1)
+    write_manifest(base)
+    count("faults_injected")
+    with pytest.raises(AdapterBaseMismatch) as e:
+        check_adapter_base(cfg, "tiny", adapter, base)
+    line = explain(e.value)
+    assert "trained on other weights" in line and "--config retrain=[tiny]" in line and "\n" not in line
+
+
+# --------------------------------------------------------------------------------------
+# an adapter belongs to one base: real Snakemake runs
+# --------------------------------------------------------------------------------------
+
+
+def planned_rules(work: Path, *targets: str) -> set[str]:
+    import re
+
+    out = console(run_snakemake(work, "-n", *targets))
+    return set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
+
+
+def _record(work: Path, model: str = "tiny") -> dict:
+    return json.loads((work / "results" / model / "adapter" / "lora-forge-training.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_base_built_with_other_settings_retrains_and_every_target_builds_in_one_run(work):
+    """Issue 21, 2 and 3: a rebuilt base (tiny_base.seed) means other weights: with the adapter
+    there, the run retrains it before any merge (the guard archives it:
+    test_a_changed_base_declaration_is_a_deliberate_retrain); with the adapter gone, each kind of
+    target (adapter, training reports, base, a GGUF) plans the base and everything up to itself,
+    and one run builds it (it used to build the base alone, say "100% done" and exit 0)."""
+    write_config(work, small_config(tiny_base={"seed": 1}))
+    count("faults_injected")
+    assert {"build_tiny_base", "train_adapter", "merge_adapter"} <= planned_rules(work, "results/tiny/Q4_K_M.gguf")
+    shutil.rmtree(work / "results/tiny/adapter")
+    for name in ("metrics.json", "loss.csv", "loss.png"):
+        (work / "results/tiny/train" / name).unlink()
+    count("faults_injected")
+    for target, wanted in (("results/tiny/adapter", {"build_tiny_base", "train_adapter"}),
+                           ("results/tiny/train/metrics.json", {"build_tiny_base", "train_adapter"}),
+                           ("results/tiny/base", {"build_tiny_base"}),
+                           ("results/tiny/Q4_K_M.gguf", {"build_tiny_base", "train_adapter", "merge_adapter",
+                                                         "convert_gguf", "quantize_gguf"})):
+        assert wanted <= planned_rules(work, target), target
+    run_snakemake(work, "results/tiny/adapter")
+    assert (work / "results/tiny/adapter/adapter_model.safetensors").is_file()
+    assert (work / "results/tiny/train/metrics.json").is_file()
+    record = _record(work)
+    assert record["base"]["tiny_base"]["seed"] == 1
+    assert record["base_identity"]["weights"] == {
+        k: v["sha256"] for k, v in json.loads((work / "results/tiny/base.complete").read_text())["shards"].items()}
+    assert planned_rules(work, "results/tiny/adapter", "results/tiny/train/metrics.json") == set()
+
+
+def test_a_changed_base_declaration_is_a_deliberate_retrain(tmp_path, monkeypatch):
+    """While the run builds the base again its weights are unknown: the adapter guard judges the
+    base by its declaration (a new seed: archive and retrain, never a silent merge); with nothing
+    changed and the base coming back for an export, the adapter is put on hold, not refused."""
+    from loraforge import training_record as tr
+    from loraforge import workflow_hooks as wh
+    from loraforge.config import validate
+    from loraforge.snakemake_bridge import PendingJob
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(small_config())
+    adapter = tmp_path / "results/tiny/adapter"
+    adapter.mkdir(parents=True)
+    tr.write(adapter, tr.current_settings(cfg, "tiny", with_base=False))
+    base = {"results/tiny/base", "results/tiny/base.complete"}
+    job = PendingJob("train_adapter", {"model": "tiny"}, {"adapter": str(adapter), "metrics": "results/tiny/train/m.json"},
+                     "updated input", False, frozenset(base))
+    seeded = validate(small_config(tiny_base={"seed": 1}))
+    assert wh._retrain_decision(job, seeded, base_rebuilt=True) == (True, "base.tiny_base.seed: 0 -> 1")
+    assert wh._retrain_decision(job, cfg, base_rebuilt=True)[0] is False
+    assert wh._only_for_the_base(job, cfg)
+    forced = PendingJob("train_adapter", {"model": "tiny"}, job.output, "forced", False, None)
+    assert not wh._only_for_the_base(forced, cfg)
+
+
+@pytest.mark.slow
+def test_after_a_consume_mode_merge_the_base_comes_back_before_training(work):
+    """Issue 21, 6: a consume-mode merge (set here; auto picks it under a small disk_quota) uses the
+    base's weights up. A
+    later export builds the base again and keeps the adapter (the base came back with the same
+    weights: nothing is trained); a settings change after that builds the base again, by the
+    workflow's own dependencies, before training (it used to fail with FileNotFoundError on every
+    rerun)."""
+    consume = {"export": {"merge_mode": "consume"}}
+    write_config(work, small_config(**consume))
+    for q in ("Q4_K_M", "Q5_K_M"):
+        (work / f"results/tiny/{q}.gguf").unlink()
+    original = adapter_digest(work)
+    run_snakemake(work, "results/tiny/Q4_K_M.gguf")
+    assert not (work / "results/tiny/base.complete").exists() and not list((work / "results/tiny/base").glob("*.safetensors"))
+    assert json.loads((work / "results/tiny/reports/merge.json").read_text())["mode"] == "consume"
+    count("faults_injected")
+
+    run = run_snakemake(work, "results/tiny/Q5_K_M.gguf")
+    assert (work / "results/tiny/Q5_K_M.gguf").read_bytes()[:4] == b"GGUF"
+    assert adapter_digest(work) == original, "the adapter was retrained or changed"
+    assert not (work / "results/tiny/adapter-archive").exists(), "nothing left archived"
+    assert "adapter kept, nothing to train" in (work / "logs/tiny/train_adapter.log").read_text()
+    assert "Traceback" not in console(run)
+
+    write_config(work, small_config(models={"tiny": {"lora": {"r": 4, "alpha": 8}}}, **consume))
+    count("faults_injected")
+    run_snakemake(work, "results/tiny/train/metrics.json")
+    assert json.loads((work / "results/tiny/adapter/adapter_config.json").read_text())["r"] == 4
+    assert (work / "results/tiny/base.complete").is_file()
+    archived = next((work / "results/tiny/adapter-archive").iterdir())
+    assert digest(archived / "adapter") == original

@@ -93,7 +93,8 @@ def test_gpus_is_no_training_setting_but_checkpoints_resume_only_with_the_same_g
     data.write_text("{}\n")
     t1, t2 = (lfconfig.model_settings(c, "tiny")["train"] for c in (one, two))
     lora = lfconfig.model_settings(one, "tiny")["lora"]
-    assert fingerprint(tmp_path, data, lora, t1, "trl") != fingerprint(tmp_path, data, lora, t2, "trl")
+    base = {"layout": "same base", "weights": {"model.safetensors": "0" * 64}}
+    assert fingerprint(base, data, lora, t1, "trl") != fingerprint(base, data, lora, t2, "trl")
 
 
 def test_vram_plan_is_per_gpu_with_ddp_gradient_buckets():

@@ -168,10 +168,16 @@ def test_token_counter_counts_unpadded_training_tokens():
 
 
 def _fake_checkpoint(d: Path, complete: bool = True) -> None:
+    """Small but well-formed checkpoint files (a resume checks them: loraforge.train_monitor)."""
+    import torch
+    from safetensors.torch import save_file
+
     d.mkdir(parents=True)
-    files = ["optimizer.pt", "scheduler.pt", "adapter_model.safetensors"] + (["trainer_state.json"] if complete else [])
-    for f in files:
-        (d / f).write_text("x")
+    torch.save({"state": {}}, d / "optimizer.pt")
+    torch.save({"last_epoch": 1}, d / "scheduler.pt")
+    save_file({"lora_A": torch.zeros(2, 2)}, str(d / "adapter_model.safetensors"))
+    if complete:
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": int(d.name.split("-")[1])}))
 
 
 def test_prepare_checkpoints_resumes_newest_complete_and_drops_others(tmp_path):

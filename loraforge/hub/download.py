@@ -20,14 +20,13 @@ place. Resolving the commit ourselves (errors raised) and checking the files clo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from loraforge.fileio import partial_path
+from loraforge.fileio import partial_path, sha256_file
 from loraforge.hub.errors import HubError, endpoint, hub_errors
 
 log = logging.getLogger(__name__)
@@ -35,19 +34,10 @@ log = logging.getLogger(__name__)
 # What the pipeline needs from a model repo (no .bin/.pth duplicates, no GGUFs, no images).
 BASE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "LICENSE*"]
 MANIFEST = ".lora-forge-fetch.json"  # inside the partial folder while fetching; removed at the end
-HASH_CHUNK = 16 << 20
 
 
 class IncompleteDownloadError(HubError):
     """Files of the fetched folder do not match the hub's listing."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_commit(api, repo_id: str, revision: str | None) -> str:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from loraforge.fileio import write_json_atomic
-from loraforge.hub.download import sha256_file
+from loraforge.fileio import sha256_file
 from loraforge.hub.errors import HubError, endpoint, hub_errors
 from loraforge.hub.settings import repo_id as make_repo_id
 

@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from loraforge.constants import INDEX_NAME, MERGE_MODES
-from loraforge.fileio import PARTIAL_SUFFIX
+from loraforge.fileio import PARTIAL_SUFFIX, sha256_file
 from loraforge.merge.arithmetic import Workspace, _merge_matrix
 from loraforge.merge.common import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, COPY_TASK_BYTES, JOURNAL_FORMAT, JOURNAL_NAME, MARKER_NAME, MAX_WORKERS, MergeError, MergeReport, TMP_SUFFIX, WEIGHT_SUFFIXES, recovery_hint
-from loraforge.merge.journal import Journal, _discard_stale_partial, _file_sha256, _fsync_dir, _open_journal, _place_untouched_shard, _remove_base_shard
+from loraforge.merge.journal import Journal, _discard_stale_partial, _fsync_dir, _open_journal, _place_untouched_shard, _remove_base_shard
 from loraforge.merge.planning import BaseModel, LoraSettings, MatrixUpdate, TensorUpdate, _drop_untrained, load_adapter, open_base, plan_updates
 from loraforge.safetensors_io import TORCH_FLOAT_DTYPES, ShardHeader, ShardWriter, TensorInfo, copy_file, read_header
 
@@ -68,7 +68,7 @@ def _merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str, progress: b
     # The adapter's digest (for the journal) is computed on the side, while this thread plans:
     # hashing ~100 MB costs as much as the planning, and the second core is idle meanwhile.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraforge-sha256") as hasher:
-        adapter_sha256 = hasher.submit(_file_sha256, os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME))
+        adapter_sha256 = hasher.submit(sha256_file, os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME))
         adapter_config, adapter = load_adapter(adapter_dir)
         settings = LoraSettings.from_config(adapter_config)
         base = open_base(base_dir, partial_dir)
@@ -78,7 +78,7 @@ def _merge(base_dir: str, adapter_dir: str, out_dir: str, mode: str, progress: b
             "format": JOURNAL_FORMAT,
             "base_dir": os.path.realpath(base_dir),
             "adapter_sha256": adapter_sha256.result(),
-            "adapter_config_sha256": _file_sha256(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)),
+            "adapter_config_sha256": sha256_file(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)),
             "mode": mode,
             # tensor bytes, not file sizes: a merged shard's header may be formatted differently
             "shards": {shard: base.headers[shard].data_bytes for shard in base.shards},
