@@ -400,6 +400,63 @@ def _on_start(workflow, config) -> None:
     _start_sampler(config, plan)
 
 
+def dry_run_summary(workflow, config) -> str:
+    """The one line a dry run ends with (onstart does not run under -n): the run's planned peak
+    disk against disk_quota and the free space, and each training job's planned GPU memory
+    against the GPU, or why either could not be planned."""
+    from loraforge import plan as planning
+    from loraforge import vram
+    from loraforge.sizes import human
+
+    try:
+        plan = snakemake_bridge.plan_from_dag(workflow.dag, config)
+        quota = f"disk_quota {human(plan.quota)}" if plan.quota is not None else "no disk_quota"
+        verdict = "fits" if planning.fits(plan, plan.quota, plan.free) else "does NOT fit: loraforge plan says what would"
+        free = f", {human(plan.free)} free" if plan.free is not None else ""
+        disk = f"peak disk {human(plan.peak)} of {quota}{free} ({verdict})"
+    except Exception as e:  # a plan that cannot be made is reported, never raised, in a preview
+        disk = f"disk not planned ({type(e).__name__}: {e})"
+    parts = [disk]
+    try:
+        models = sorted({j.wildcards["model"] for j in snakemake_bridge.pending_jobs(workflow.dag, rule=TRAIN_RULE)})
+        for key, plan, _backend in vram.plan_training(config, models):
+            if plan is None:
+                parts.append(f"VRAM of {key} not planned (no config.json or arch: for its base)")
+                continue
+            limit, source = vram.gpu_memory_limit(config, plan.gpus)
+            against = f" of {limit / vram.GIB:.1f} GiB ({source})" if limit else f" ({source})"
+            parts.append(f"VRAM {key} {plan.total_gib:.1f} GiB{against}")
+    except Exception as e:
+        parts.append(f"VRAM not planned ({type(e).__name__}: {e})")
+    return "[lora-forge] dry run: " + "; ".join(parts)
+
+
+def announce_dry_run_plan(workflow, config) -> None:
+    """Under `snakemake -n` (from its command line): the plan is made from the DAG when Snakemake
+    first counts its jobs (DAG.stats, before the dry run marks them done) and printed as
+    dry_run_summary's one line when the process exits."""
+    args = snakemake_bridge.command_line_arguments()
+    if args is None or not getattr(args, "dryrun", False):
+        return
+    import atexit
+
+    from snakemake.dag import DAG
+
+    line: list[str] = []
+    stats = DAG.stats
+
+    def stats_then_plan(dag, *a, **kw):
+        if not line and dag is getattr(workflow, "dag", None):
+            try:
+                line.append(dry_run_summary(workflow, config))
+            except Exception as e:  # a preview never fails for its summary
+                line.append(f"[lora-forge] dry run: not planned ({type(e).__name__}: {e})")
+        return stats(dag, *a, **kw)
+
+    DAG.stats = stats_then_plan
+    atexit.register(lambda: line and print(line[0], flush=True))
+
+
 def _measured_paths(config) -> list[str]:
     paths = ["results"]
     for model in config["models"].values():

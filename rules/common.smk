@@ -341,6 +341,10 @@ onstart:
     workflow_hooks.on_start(workflow, config, log)
 
 
+# onstart does not run under -n: the preview ends with the planned disk and VRAM in one line
+workflow_hooks.announce_dry_run_plan(workflow, config)
+
+
 onsuccess:
     workflow_hooks.on_finish(workflow, config, log, success=True)
 

@@ -724,3 +724,19 @@ def test_auto_merge_mode_links_when_it_fits_and_consumes_when_it_must(toy_workfl
     with pytest.raises(PlanError) as e:
         check(p)
     assert "consume merge mode" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_dry_run_ends_with_the_planned_disk_and_vram(tmp_path):
+    """`snakemake -n` (onstart does not run there) ends with one line: the planned peak disk
+    against disk_quota and the GPU memory each training job plans, or why it was not planned."""
+    from conftest import run_snakemake, small_config, write_config
+
+    write_config(tmp_path, small_config(disk_quota="1GB", gpu_memory="80GB"))
+    out = run_snakemake(tmp_path, "-n", "results/tiny/Q5_K_M.gguf").stdout
+    line = [x for x in out.splitlines() if x.startswith("[lora-forge] dry run:")]
+    assert len(line) == 1, out[-2000:]
+    assert re.search(r"peak disk [\d.]+ MiB of disk_quota 953.7 MiB, .* free \(fits\)", line[0]), line[0]
+    assert re.search(r"VRAM tiny [\d.]+ GiB of 74.5 GiB \(gpu_memory in the config\)", line[0]), line[0]
+    tight = run_snakemake(tmp_path, "-n", "results/tiny/Q5_K_M.gguf", "--config", "disk_quota=1MB").stdout
+    assert "(does NOT fit: loraforge plan says what would)" in tight

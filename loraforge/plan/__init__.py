@@ -30,7 +30,7 @@ with Snakemake's API in dry-run mode (the `loraforge plan` command).
 """
 
 from loraforge.constants import MERGE_MODES
-from loraforge.plan.fit import alternatives, check
+from loraforge.plan.fit import alternatives, check, fits
 from loraforge.plan.model import (
     DEFAULT_ROLES,
     RESULTS_DIR,
@@ -48,6 +48,6 @@ from loraforge.sizes import Shard
 
 __all__ = [
     "DEFAULT_ROLES", "MERGE_MODES", "RESULTS_DIR", "Alternative", "Event", "ModelLayout", "Plan", "PlanError",
-    "Planner", "RunInputs", "Shard", "Step", "alternatives", "base_dir_of", "check", "format_jobs",
+    "Planner", "RunInputs", "Shard", "Step", "alternatives", "base_dir_of", "check", "fits", "format_jobs",
     "format_summary", "format_timeline", "gather_sizes", "hf_config_of", "plan_steps", "timeline_frame",
 ]
