@@ -223,6 +223,12 @@ def train(
              f", {world} data-parallel processes x {accumulation} accumulation steps" if world > 1 else "")
 
     tokenizer = load_tokenizer(base_dir)
+    if not tokenizer.chat_template:  # TRL would fail deep inside with a TypeError
+        raise TrainConfigError(
+            f"{base_dir}: the base's tokenizer has no chat template (chat_template in tokenizer_config.json or "
+            "chat_template.jinja), and chat data cannot be rendered without one: copy the base model's tokenizer "
+            "files (tokenizer_config.json, tokenizer.json, chat_template.jinja) into the folder, or use a chat/instruct base"
+        )
     # LoRA's A matrices are initialised randomly: seed first, so a run is reproducible (the
     # Trainer seeds only after the model exists)
     set_seed(train_params["seed"])

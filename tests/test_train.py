@@ -417,6 +417,17 @@ def test_assistant_only_loss_trains_and_keeps_the_base_template(tiny_bases, chat
               train_params=a["train_params"])
     assert not Path(a["adapter"]).exists()
 
+    # a base without any chat template (found in a new-user walk-through: a TypeError deep in TRL)
+    bare = tmp_path / "bare-base"
+    shutil.copytree(tiny_bases["qwen3"], bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = _json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(_json.dumps(cfg))
+    with pytest.raises(TrainConfigError, match="the base's tokenizer has no chat template"):
+        train(str(bare), a["train"], None, adapter_dir=a["adapter"], out_dir=a["out"], lora=a["lora"],
+              train_params=a["train_params"])
+
 
 @pytest.mark.slow
 def test_gradient_checkpointing_off_trains_without_it_to_the_same_adapter(tiny_bases, chat_data, tmp_path):
