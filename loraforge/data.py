@@ -251,8 +251,9 @@ def cap_sources(samples: Sequence[dict], max_share: float = 0.2, seed: int = 0) 
     under the cap are never touched. If nothing needs capping, the input is returned as is.
 
     Feasibility: with k non-empty sources each source can be at most ``1/k`` of anything,
-    so a cap needs ``k >= ceil(1 / max_share)`` sources (5 for 0.2). With fewer the function
-    raises `DataError` naming that minimum (it also raises if pair granularity leaves no
+    so a cap needs ``k >= ceil(1 / max_share)`` sources (5 for 0.2). One source (a user's own
+    file) is kept whole, with a warning: there is nothing to balance it against. With 2 to
+    ``k - 1`` sources the function raises `DataError` naming that minimum (it also raises if pair granularity leaves no
     non-empty solution). ``max_share >= 1`` disables the cap.
 
     Pairs and contrastive samples: the members of a `pair` are one indivisible unit, kept or
@@ -280,6 +281,10 @@ def cap_sources(samples: Sequence[dict], max_share: float = 0.2, seed: int = 0) 
         return list(samples)
 
     k = len(by_source)
+    if k == 1:
+        # one source (a user's own file): there is nothing to balance it against
+        log.warning("max_source_share %g: the data has one source (%s): nothing to cap", float(share), next(iter(by_source)))
+        return list(samples)
     needed = -(-share.denominator // share.numerator)  # ceil(1 / share)
     if k < needed:
         raise DataError(

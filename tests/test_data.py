@@ -191,6 +191,9 @@ def test_cap_infeasible_with_too_few_sources():
         data.cap_sources(synthetic({"a": 50, "b": 20, "c": 10}), 0.25, seed=0)
     # three sources are enough for a cap of 1/3
     assert_cap_holds(data.cap_sources(synthetic({"a": 50, "b": 20, "c": 10}), 1 / 3, seed=0), 1 / 3)
+    # one source (a user's own file) has nothing to balance against: kept whole
+    one = synthetic({"mine": 40})
+    assert data.cap_sources(one, 0.2, seed=0) == one
 
 
 @pytest.mark.parametrize("share", [0, -0.1, 1.5, "lots", None])
