@@ -194,13 +194,15 @@ class AdapterBaseMismatch(UserError, ValueError):
     """An adapter trained on other base weights than the base it is about to be merged into."""
 
 
-def check_adapter_base(config: dict, model: str, adapter_dir: str | os.PathLike,
+def check_adapter_base(config: dict, model: str | None, adapter_dir: str | os.PathLike,
                        base: str | os.PathLike) -> dict[str, str] | None:
     """Refuse to merge an adapter into other weights than it was trained on (shard digests: the
     adapter's record against the base's flag, re-checked by size and mtime). Returns the base's
     shard digests (for the merge report). An adapter of an older lora-forge records no weights:
     nothing to compare."""
-    current = weight_digests(base, **base_weights_source(config, model))
+    # a Snakefile of one's own running the merge script has no models: the digests are computed
+    source = base_weights_source(config, model) if model in (config.get("models") or {}) else {}
+    current = weight_digests(base, **source)
     recorded = weights_of((read(adapter_dir) or {}).get("base_identity"))
     if recorded and current and recorded != current:
         for shard in sorted(k for k in current if recorded.get(k) != current[k] and (Path(base) / k).exists()):

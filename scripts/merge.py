@@ -27,7 +27,7 @@ from loraforge.training_record import check_adapter_base
 smk = snakemake  # noqa: F821 - injected by Snakemake's script: directive
 with rule_logging(smk):
     mode = effective_mode(smk.params.mode, smk.params.base_is_users)
-    base_weights = check_adapter_base(smk.config, smk.wildcards.model, smk.input.adapter, smk.input.base)
+    base_weights = check_adapter_base(smk.config, smk.wildcards.get("model"), smk.input.adapter, smk.input.base)
     report = merge(smk.input.base, smk.input.adapter, smk.output.merged, mode=mode, progress=True,
                    base_is_users=smk.params.base_is_users)
     if mode == "consume" and smk.input.get("base_complete"):
