@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Iterator
 
 from loraforge.fileio import atomic_output, partial_path, write_json_atomic
-from loraforge.hub.download import check_files, sha256_file
+from loraforge.hub.download import MANIFEST, check_files, sha256_file, start_partial
 from loraforge.hub.errors import HubError, endpoint, hub_errors
 
 log = logging.getLogger(__name__)
 
 # The files `datasets` can build a split from, and the card whose YAML may name the splits' files.
 DATA_PATTERNS = ["*.parquet", "*.jsonl", "*.json", "*.jsonl.gz", "*.json.gz", "*.csv", "*.arrow", "README.md"]
-MANIFEST = ".lora-forge-fetch.json"
 
 
 @contextlib.contextmanager
@@ -60,12 +59,7 @@ def _download(repo_id: str, revision: str | None, commit: str, folder: Path, tok
     """snapshot_download into `folder`, which an attempt at another commit leaves emptied first."""
     from huggingface_hub import snapshot_download
 
-    manifest = folder / MANIFEST
-    if folder.exists() and (not manifest.is_file() or json.loads(manifest.read_text()).get("commit") != commit):
-        log.info("removing %s: left by an attempt at another revision", folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": commit}) + "\n")
+    start_partial(folder, repo_id, revision, commit)
     with dataset_errors(repo_id, revision, doing="downloading the dataset"):
         snapshot_download(repo_id=repo_id, repo_type="dataset", revision=commit, local_dir=folder, token=token,
                           allow_patterns=DATA_PATTERNS, endpoint=endpoint())

@@ -40,6 +40,17 @@ class IncompleteDownloadError(HubError):
     """Files of the fetched folder do not match the hub's listing."""
 
 
+def start_partial(folder: Path, repo_id: str, revision: str | None, commit: str) -> None:
+    """The folder a fetch downloads into, marked with the commit it is for; one left by an attempt
+    at another commit (the pin changed between attempts) starts over, one of this commit resumes."""
+    manifest = folder / MANIFEST
+    if folder.exists() and (not manifest.is_file() or json.loads(manifest.read_text()).get("commit") != commit):
+        log.info("removing %s: left by an attempt at another revision", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": commit}) + "\n")
+
+
 def resolve_commit(api, repo_id: str, revision: str | None) -> str:
     """The commit sha a revision names; errors name the repo (HubError)."""
     with hub_errors(repo_id, revision, doing="looking up the model"):
@@ -110,13 +121,7 @@ def fetch_base(
     label = f"{repo_id}@{revision or 'main'}"
     log.info("fetching %s (commit %s) into %s", label, commit, partial)
 
-    # A partial folder of another commit (the pin changed between attempts) starts over.
-    manifest = partial / MANIFEST
-    if partial.exists() and (not manifest.is_file() or json.loads(manifest.read_text()).get("commit") != commit):
-        log.info("removing %s: left by an attempt at another revision", partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": commit}) + "\n")
+    start_partial(partial, repo_id, revision, commit)
 
     expected = wanted_files(api, repo_id, commit, patterns)
     if not any(p.endswith(".safetensors") for p in expected):
