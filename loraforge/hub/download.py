@@ -134,7 +134,7 @@ def fetch_base(
     check_files(partial, expected, label=label)
 
     shutil.rmtree(partial / ".cache", ignore_errors=True)
-    manifest.unlink()
+    (partial / MANIFEST).unlink()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     log.info("fetched %s (commit %s): %d files checked against the hub's listing", label, commit, len(expected))
