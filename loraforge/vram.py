@@ -24,7 +24,7 @@ The plan is per GPU: with `train.gpus: N` every GPU holds a full replica and its
 (data parallelism), and each of the N GPUs must fit it.
 
 Planned vs measured on the H200 (bench/h200/gpu_backends-h200.jsonl): -1% to +9.4% for all 17
-full-depth runs (in-sample: the coefficients are fitted to them); see the README's "Training on a GPU"."""
+full-depth runs (in-sample: the coefficients are fitted to them); see docs/gpu.md and bench/h100/gpu_backends-h100.md."""
 
 from __future__ import annotations
 

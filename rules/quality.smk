@@ -1,4 +1,4 @@
-# The evaluation: what the user gets, measured (README "Quality: measured"). Every file here is
+# The evaluation: what the user gets, measured (docs/quality.md). Every file here is
 # either small or temp(): the 16-bit reference GGUF and its logits exist only while used.
 
 

@@ -1,4 +1,4 @@
-# The run-level items of `snakemake --report results/report.html` (README "The report").
+# The run-level items of `snakemake --report results/report.html` (docs/quality.md "The report").
 
 
 rule run_summary:

@@ -7,7 +7,7 @@ a kept base (link: no re-fetch), then two training checkpoints (one spare).
 
 Requantizing the K-quants from a Q8_0 intermediate (the article's choice: the smallest one on
 disk) costs measurable quality once a model is trained: 6-7% more mean KL divergence for
-Q5_K_M and Q6_K on the longer-trained tiny base (README "Requantize from Q8_0, or quantize from
+Q5_K_M and Q6_K on the longer-trained tiny base (docs/quality.md "Requantize from Q8_0, or quantize from
 16-bit?"). So auto takes an F16 intermediate when the model's export chain planned with it (merge,
 convert, every quant, and the evaluation when it is on) peaks within `disk_quota`, else Q8_0.
 

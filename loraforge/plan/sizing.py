@@ -18,9 +18,9 @@ from loraforge.plan.simulate import Planner
 from loraforge.sizes import human, parse_size
 
 SMALL_FILE = 64 * 1024
-# bench/requantize.py (README "Requantize from Q8_0, or quantize from 16-bit?")
+# bench/requantize.py (docs/quality.md "Requantize from Q8_0, or quantize from 16-bit?")
 REQUANTIZE_COST = ("mean KLD requantized/direct 0.98-1.02x on the tiny default, 1.00-1.07x on a longer-trained "
-                   "tiny base (Q5_K_M 1.07x, Q6_K 1.06x); README \"Requantize from Q8_0, or quantize from 16-bit?\"")
+                   "tiny base (Q5_K_M 1.07x, Q6_K 1.06x); docs/quality.md \"Requantize from Q8_0, or quantize from 16-bit?\"")
 
 
 def _model_cfg(config: Mapping, key: str) -> dict:
@@ -312,7 +312,7 @@ def plan_steps(steps: list[Step], config: Mapping, workdir: str | os.PathLike | 
 
 def quantize_source_note(plan: Plan, quota: int | None, free: int | None) -> str | None:
     """When the run requantizes K-quants from a Q8_0 intermediate: whether quantizing from 16-bit
-    (export.intermediate: F16) would fit this run's disk, measured cost included (README,
+    (export.intermediate: F16) would fit this run's disk, measured cost included (docs/quality.md,
     "Requantize from Q8_0, or quantize from 16-bit?")."""
     from loraforge.plan.fit import fits
 
