@@ -365,11 +365,11 @@ def _hf_config(config: dict, key: str, results_dir: str) -> dict:
 def plan_training(config: dict, models: list[str], results_dir: str = "results") -> list[tuple[str, VramPlan | None, str]]:
     """(model, plan, backend note) for each model that trains; plan None when its shape is unknown.
     gradient_checkpointing: auto is planned as it will resolve (see resolve_training)."""
-    return [(key, plan, backend) for key, plan, backend, _ in _plans(config, models, results_dir)]
+    return [(key, plan, backend) for key, plan, backend, _, _ in _plans(config, models, results_dir)]
 
 
 def _plans(config: dict, models: list[str], results_dir: str):
-    """(model, plan, backend, auto choice or None) for each model that trains."""
+    """(model, plan, backend, auto choice or None, HF config) for each model that trains."""
     from loraforge.config import model_settings
     from loraforge.train_backends import BackendError, resolve_backend
 
@@ -378,7 +378,7 @@ def _plans(config: dict, models: list[str], results_dir: str):
         try:
             s = model_settings(config, key)
         except (KeyError, TypeError):  # a config without lora-forge's defaults (not validated)
-            out.append((key, None, "unknown", None))
+            out.append((key, None, "unknown", None, None))
             continue
         try:
             backend = resolve_backend(s["train"].get("backend", "auto"))
@@ -386,14 +386,14 @@ def _plans(config: dict, models: list[str], results_dir: str):
             backend = "unsloth"  # planned as requested; the training job itself refuses if it cannot run
         cfg = _hf_config(config, key, results_dir)
         if not cfg or "hidden_size" not in cfg:
-            out.append((key, None, backend, None))
+            out.append((key, None, backend, None, cfg))
             continue
         train, choice = s["train"], None
         if train.get("gradient_checkpointing") == "auto":
             limit, source = gpu_memory_limit(config, int(train.get("gpus", 1)))
             choice = choose_auto(cfg, s["lora"], train, backend, limit, source)
             train = choice.train
-        out.append((key, estimate(cfg, s["lora"], train, backend), backend, choice))
+        out.append((key, estimate(cfg, s["lora"], train, backend), backend, choice, cfg))
     return out
 
 
@@ -432,7 +432,7 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
 
     if not models:
         return
-    for key, plan, backend, choice in _plans(config, models, results_dir):
+    for key, plan, backend, choice, cfg in _plans(config, models, results_dir):
         if plan is None:
             say(f"VRAM plan of {key}: unknown (no train settings, or no config.json or arch: for its base)")
             continue
@@ -455,7 +455,6 @@ def check_training(config: dict, models: list[str], results_dir: str = "results"
                 "although planned at 126 GiB)")
         if limit is None:
             continue
-        cfg = _hf_config(config, key, results_dir)
         if plan.total <= limit:
             if choice is None:  # auto already took the fastest setting that fits
                 _note_faster_fit(cfg, settings, backend, limit, source, key, say)
